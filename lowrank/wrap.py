@@ -1,0 +1,291 @@
+"""Turn the linear layers of any Hugging Face model into :class:`~lowrank.layers.LowRankLinear`.
+
+Target selection is PEFT's own (``LoraConfig.target_modules`` / ``exclude_modules`` rules, the
+``"all-linear"`` shorthand that leaves out the output head): we call PEFT's matcher rather than
+re-implementing it, so a pattern selects the same modules here as in a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layers import INITS, LowRankLinear, _check_rank, rank_from_ratio
+
+__all__ = [
+    "LowRankConfig",
+    "ParameterCount",
+    "wrap",
+    "lowrank_layers",
+    "is_wrapped",
+    "refactorize",
+    "merge",
+    "merge_to_dense",
+    "count_parameters",
+    "match_target_modules",
+]
+
+_LINEAR_TYPES = (nn.Linear, Conv1D)
+_CONFIG_ATTRIBUTE = "lowrank_config"
+
+
+@dataclass
+class LowRankConfig:
+    """How :func:`wrap` factorizes a model.
+
+    Attributes:
+        rank: rank ``r`` of every wrapped layer. Give exactly one of ``rank`` and ``rank_ratio``.
+        rank_ratio: rank as a fraction of each layer's ``min(m, n)`` (rounded, at least 1).
+        alpha: scale numerator, ``s = alpha / r``; ``None`` means ``s = 1``.
+        target_modules: PEFT's rules: a list of module names or name suffixes, a regex string
+            matched with ``re.fullmatch`` against the full module name, or ``"all-linear"``
+            (every ``nn.Linear``/``Conv1D`` except the output head).
+        exclude_modules: PEFT's rules, the same forms as ``target_modules``.
+        keep_base: ReLoRA mode: keep the dense weight frozen as ``W0`` and train factors on top.
+        sparse_density: SLTrain mode: add a trainable sparse part with this fraction of entries.
+        init: one of ``"kaiming"``, ``"lora"``, ``"spectral"`` (see :data:`lowrank.layers.INITS`);
+            ``None`` picks ``"lora"`` with ``keep_base`` and ``"kaiming"`` without.
+        seed: base seed; layer ``i`` (in module order) draws from ``(seed, i)``.
+    """
+
+    rank: int | None = None
+    rank_ratio: float | None = None
+    alpha: float | None = None
+    target_modules: list[str] | str = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    keep_base: bool = False
+    sparse_density: float = 0.0
+    init: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.rank_ratio is None):
+            raise ValueError(
+                "LowRankConfig needs exactly one of rank (an int, e.g. rank=128) and rank_ratio "
+                f"(a fraction of min(m, n), e.g. rank_ratio=0.25); got rank={self.rank!r}, rank_ratio={self.rank_ratio!r}"
+            )
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
+            raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"alpha must be positive (s = alpha / rank), got {self.alpha!r}")
+        if not 0.0 <= self.sparse_density < 1.0:
+            raise ValueError(
+                f"sparse_density must be in [0, 1) (SLTrain uses 0.01–0.03; 0 turns the sparse part off), got {self.sparse_density!r}"
+            )
+        if self.init is not None and self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)} (or None for the default), got {self.init!r}")
+        if not self.target_modules:
+            raise ValueError('target_modules is empty: name modules (e.g. ["q_proj", "v_proj"]) or use "all-linear"')
+
+    def rank_for(self, out_features: int, in_features: int) -> int:
+        if self.rank is not None:
+            return self.rank
+        return rank_from_ratio(self.rank_ratio, out_features, in_features)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(data[key], (set, tuple)):
+                data[key] = sorted(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+def match_target_modules(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
+    """Names of the modules of ``model`` that PEFT's rules select (any module type), in module order."""
+    # A LoraConfig only as a carrier for PEFT's matching rules; its rank is irrelevant here.
+    peft_config = LoraConfig(target_modules=copy.deepcopy(target_modules), exclude_modules=copy.deepcopy(exclude_modules))
+    peft_config = _maybe_include_all_linear_layers(peft_config, model)
+    return [name for name, _ in model.named_modules() if name and check_target_module_exists(peft_config, name)]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, (*_LINEAR_TYPES, LowRankLinear))]
+
+
+def _describe_linears(model: nn.Module) -> str:
+    names = _linear_names(model)
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+    example = names[0] if names else "<none>"
+    return f"linear modules in this model end with: {', '.join(suffixes) or '<none>'} (full names look like {example!r})"
+
+
+def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` / ``Conv1D`` layers of ``model`` with
+    :class:`LowRankLinear`, in place, and return ``model``.
+
+    Works for any ``transformers`` causal LM (LLaMA, Qwen2, GPT-2, ...) and plain ``nn.Module``
+    trees. Layer ``i`` (in ``named_modules`` order) is seeded with ``(config.seed, i)``. The model
+    keeps working with ``generate``, its ``state_dict`` and ``torch.compile``.
+
+    Raises:
+        ValueError: a pattern matches no linear module (the message lists the ones that exist),
+            matches a module that is not linear, matches a layer already wrapped or whose weight
+            is tied to another module, or the rank does not fit a layer.
+    """
+    if not isinstance(config, LowRankConfig):
+        raise TypeError(f"wrap(model, config) needs a lowrank.LowRankConfig, got {type(config).__name__}")
+    names = match_target_modules(model, config.target_modules, config.exclude_modules)
+    matched = [(name, model.get_submodule(name)) for name in names]
+    if not matched:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no module; "
+            + _describe_linears(model)
+        )
+    for name, module in matched:
+        if isinstance(module, LowRankLinear):
+            raise ValueError(f"module {name!r} is already a LowRankLinear: the model was wrapped before")
+        if not isinstance(module, _LINEAR_TYPES):
+            raise ValueError(
+                f"target_modules matches {name!r}, a {type(module).__name__}: only nn.Linear and Conv1D can be "
+                f"factorized; narrow target_modules or add it to exclude_modules. " + _describe_linears(model)
+            )
+
+    shared = _tied_weights(model)
+    plan = []
+    for name, module in matched:
+        out_features, in_features = _dense_shape(module)
+        if id(module.weight) in shared:
+            others = ", ".join(sorted(n for n in shared[id(module.weight)] if n != name))
+            raise ValueError(
+                f"{name!r} shares its weight with {others} (tied embeddings): factorizing it would untie them; "
+                "add it to exclude_modules or build the model with tie_word_embeddings=False"
+            )
+        rank = config.rank_for(out_features, in_features)
+        _check_rank(rank, out_features, in_features, where=f"layer {name!r}: ")
+        plan.append((name, module, rank))
+
+    for index, (name, module, rank) in enumerate(plan):
+        layer = LowRankLinear.from_module(
+            module,
+            rank,
+            alpha=config.alpha,
+            keep_base=config.keep_base,
+            sparse_density=config.sparse_density,
+            init=config.init,
+            seed=_layer_seed(config.seed, index),
+        )
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, layer)
+    # Kept on the model so that events, export and checkpoints know how it was built.
+    setattr(model, _CONFIG_ATTRIBUTE, config)
+    return model
+
+
+def _layer_seed(seed: int, index: int) -> int:
+    return (int(seed) * 1_000_003 + index) & 0x7FFFFFFFFFFFFFFF
+
+
+def _dense_shape(module: nn.Module) -> tuple[int, int]:
+    """``(m, n)`` = (out, in) of an ``nn.Linear`` or ``Conv1D`` (whose weight is stored ``n × m``)."""
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features
+    return module.out_features, module.in_features
+
+
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
+    modules_by_param = {}
+    for pid, names in owners.items():
+        modules = {n.rpartition(".")[0] for n in names}
+        if len(modules) > 1:
+            modules_by_param[pid] = sorted(modules)
+    return modules_by_param
+
+
+def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    """The wrapped layers of ``model`` by module name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return any(isinstance(module, LowRankLinear) for module in model.modules())
+
+
+def _require_layers(model: nn.Module, action: str) -> dict[str, LowRankLinear]:
+    layers = lowrank_layers(_unwrap_parallel(model))
+    if not layers:
+        raise ValueError(f"{action}: the model has no LowRankLinear layers; call lowrank.wrap(model, config) first")
+    return layers
+
+
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def refactorize(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Balanced refactorization of every wrapped layer (:meth:`LowRankLinear.refactorize`).
+
+    Returns:
+        ``{layer name: singular values of B A}``, useful to log the spectrum.
+    """
+    return {name: layer.refactorize() for name, layer in _require_layers(model, "refactorize").items()}
+
+
+def merge(model: nn.Module) -> dict[str, float]:
+    """ReLoRA merge of every wrapped layer (:meth:`LowRankLinear.merge`); needs ``keep_base``.
+
+    Returns:
+        ``{layer name: Frobenius norm of the merged update s·BA}``.
+    """
+    return {name: layer.merge() for name, layer in _require_layers(model, "merge").items()}
+
+
+def merge_to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain model with ordinary ``nn.Linear`` (or ``Conv1D``) layers and the same logits.
+
+    The result holds no ``lowrank`` classes, so ``transformers`` alone can ``save_pretrained``
+    and ``from_pretrained`` it. By default the wrapped model is left untouched (a deep copy is
+    converted); ``inplace=True`` converts ``model`` itself and saves the copy's memory.
+    """
+    model = _unwrap_parallel(model)
+    _require_layers(model, "merge_to_dense")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, layer in list(lowrank_layers(model).items()):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, layer.to_dense())
+    if hasattr(model, _CONFIG_ATTRIBUTE):
+        delattr(model, _CONFIG_ATTRIBUTE)
+    return model
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Trainable and frozen parameter counts (shared/tied parameters counted once)."""
+    trainable = frozen = 0
+    for param in _unwrap_parallel(model).parameters():
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    return ParameterCount(trainable=trainable, frozen=frozen)
