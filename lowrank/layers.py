@@ -22,38 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .linalg import balanced_factors, kaiming_uniform_, seeded_generator, spectral_factors
+from .linalg import balanced_factors, kaiming_uniform_, spectral_factors
+from .seeding import STREAM_INIT, STREAM_MERGE, STREAM_SPARSE_SUPPORT, cpu_generator, index_dtype, sample_subset, subset_size
 
-__all__ = ["LowRankLinear", "INITS", "random_sparse_support"]
+__all__ = ["LowRankLinear", "INITS"]
 
 INITS = ("kaiming", "lora", "spectral")
 """Factor initialisations: ``kaiming`` draws both factors like ``nn.Linear`` (the benchmark
 paper's low-rank default); ``lora`` draws A and sets ``B = 0`` (ReLoRA: the layer starts equal to
 its base); ``spectral`` starts from the top-r SVD of the dense weight being replaced, split
 ``U√Σ``, ``√ΣVᵀ`` (with a base, the base keeps the remainder, so the function is unchanged)."""
-
-# Random streams of a layer, kept apart so that e.g. the sparse support does not change when
-# the initialisation does.
-_STREAM_INIT, _STREAM_SPARSE, _STREAM_MERGE = 1, 2, 3
-
-
-def random_sparse_support(numel: int, density: float, generator: torch.Generator) -> torch.Tensor:
-    """``round(density · numel)`` distinct flat indices in ``[0, numel)``, sorted, uniformly at random.
-
-    Sampling with replacement and de-duplicating costs ``O(k log k)``; ``randperm(numel)`` would
-    cost ``O(numel)`` time and 8 bytes per entry of the dense matrix.
-    """
-    k = round(density * numel)
-    dtype = torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
-    chosen = torch.empty(0, dtype=torch.int64)
-    while chosen.numel() < k:
-        draw = torch.randint(0, numel, (k - chosen.numel() + 64,), generator=generator)
-        chosen = torch.unique(torch.cat([chosen, draw]))
-    if chosen.numel() > k:
-        keep = torch.randperm(chosen.numel(), generator=generator)[:k]
-        chosen = chosen[keep].sort().values
-    return chosen.to(dtype)
-
 
 class _SparseLinear(torch.autograd.Function):
     """``x @ Sᵀ`` for a sparse ``S`` given by ``values`` at flat ``indices`` of an ``m × n`` matrix.
@@ -155,7 +133,14 @@ class LowRankLinear(nn.Module):
         self.sparse_values = None
         self.register_buffer("sparse_indices", None)
         if sparse_density > 0:
-            indices = random_sparse_support(out_features * in_features, sparse_density, seeded_generator(seed, _STREAM_SPARSE))
+            numel = out_features * in_features
+            k = subset_size(numel, sparse_density)
+            if torch.device(device or "cpu").type == "meta":
+                # Shape and dtype only: the memory estimator builds 7B models on meta, and
+                # sampling a real support there would cost minutes for nothing.
+                indices = torch.empty(k, dtype=index_dtype(numel), device="meta")
+            else:
+                indices = sample_subset(numel, k, seed=(seed, STREAM_SPARSE_SUPPORT))
             self.register_buffer("sparse_indices", indices.to(device))
             self.sparse_values = nn.Parameter(torch.zeros(indices.numel(), **factory))
         # Counts merges: seeds the re-initialisation of A after each one, and travels in the
@@ -198,7 +183,9 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, init: str, weight: torch.Tensor | None) -> None:
-        generator = seeded_generator(self.seed, _STREAM_INIT)
+        if self.A.device.type == "meta":
+            return  # no values to draw: a meta layer only describes shapes and dtypes
+        generator = cpu_generator(self.seed, STREAM_INIT)
         if init == "spectral":
             if weight is None:
                 # No dense layer given: factorize a fresh nn.Linear-style draw.
@@ -270,7 +257,7 @@ class LowRankLinear(nn.Module):
         update = self.scale * (self.B.float() @ self.A.float())
         self.base_weight.add_(update.to(self.base_weight.dtype))
         self.num_merges += 1
-        kaiming_uniform_(self.A, seeded_generator(self.seed, _STREAM_MERGE, int(self.num_merges)))
+        kaiming_uniform_(self.A, cpu_generator(self.seed, STREAM_MERGE, int(self.num_merges)))
         self.B.zero_()
         return float(update.norm())
 

@@ -14,25 +14,7 @@ __all__ = [
     "balanced_factors",
     "spectral_factors",
     "kaiming_uniform_",
-    "seeded_generator",
 ]
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed is a deterministic function of integer ``keys``.
-
-    Every process that asks with the same keys gets the same stream, so re-initialisations and
-    random supports agree across DDP ranks and across a resume, with no communication and no
-    generator state in a checkpoint.
-    """
-    seed = 0x9E3779B97F4A7C15
-    for key in keys:
-        # splitmix64-style mixing: nearby keys (layer 3 vs 4) give unrelated seeds.
-        seed = (seed ^ (int(key) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        seed ^= seed >> 31
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-    return generator
 
 
 def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

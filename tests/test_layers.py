@@ -6,8 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank import LowRankLinear
-from lowrank.layers import random_sparse_support
-from lowrank.linalg import balanced_factors, seeded_generator
+from lowrank.linalg import balanced_factors
 
 M, N, R = 24, 40, 6
 MODES = {
@@ -158,12 +157,14 @@ def test_input_gradient_matches_dense_reference():
 
 
 def test_sparse_support_is_exact_distinct_and_seeded():
-    first = random_sparse_support(1000, 0.03, seeded_generator(5, 2))
-    again = random_sparse_support(1000, 0.03, seeded_generator(5, 2))
-    other = random_sparse_support(1000, 0.03, seeded_generator(6, 2))
-    assert first.numel() == 30 and torch.unique(first).numel() == 30
-    assert first.dtype == torch.int32 and torch.all(first[1:] > first[:-1])
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    first, again = make("sltrain"), make("sltrain")
+    k = round(0.05 * M * N)
+    assert first.sparse_indices.numel() == first.sparse_values.numel() == k
+    assert torch.unique(first.sparse_indices).numel() == k and first.sparse_indices.dtype == torch.int32
+    assert torch.all(first.sparse_indices[1:] > first.sparse_indices[:-1])
+    assert torch.equal(first.sparse_indices, again.sparse_indices)
+    other = LowRankLinear(N, M, R, sparse_density=0.05, seed=4)
+    assert not torch.equal(first.sparse_indices, other.sparse_indices)
 
 
 def test_spectral_init_is_best_rank_r_approximation():

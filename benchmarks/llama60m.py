@@ -1,0 +1,44 @@
+"""The LLaMA-60M model used by the optimizer benchmarks, and GaLore's split of its parameters."""
+
+from __future__ import annotations
+
+import torch
+
+# The 60M LLaMA of the GaLore/Fira/APOLLO papers (configs/llama_60m.json in their repositories).
+LLAMA_60M = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    vocab_size=32000,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+
+# GaLore's scripts project the weights of linear modules whose name contains one of these.
+TARGET_KEYS = ("attn", "mlp")
+
+
+def llama_60m(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_60M))
+
+
+def split_targets(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(projected attention/MLP linear weights, everything else), as the GaLore scripts split them."""
+    targets = [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(key in name for key in TARGET_KEYS)
+    ]
+    ids = {id(p) for p in targets}
+    return targets, [p for p in model.parameters() if id(p) not in ids]
+
+
+def fill_grads(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random gradients: the benchmarks measure memory and time, not training."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3

@@ -1,0 +1,144 @@
+"""Gradient projection for GaLore, Fira and APOLLO, as pure functions on tensors.
+
+Convention: for a gradient ``G`` of shape ``(m, n)`` the projection acts on the smaller side, and
+the basis is always stored as a ``(min(m, n), r)`` matrix ``P`` whose columns span the subspace:
+
+* ``m < n`` ("left"):   ``R = Pᵀ G`` has shape ``(r, n)`` and ``project_back(X) = P X``;
+* ``m >= n`` ("right"): ``R = G P`` has shape ``(m, r)`` and ``project_back(X) = X Pᵀ``.
+
+This is GaLore's ``proj_type="std"`` (arXiv 2403.03507); GaLore stores the right basis transposed
+(``r × n``), which holds the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..seeding import STREAM_GAUSSIAN, STREAM_SKETCH, cpu_generator
+
+# Fira and APOLLO add this to the denominator of their norm ratios; kept identical so that the
+# results match theirs.
+NORM_EPS = 1e-8
+
+
+def is_left(shape: torch.Size | tuple[int, ...]) -> bool:
+    """True when the basis lives on the row side (``m < n``), as GaLore decides."""
+    return shape[0] < shape[1]
+
+
+def effective_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
+    """The rank actually used: a basis cannot have more columns than its side has rows."""
+    return min(rank, min(shape))
+
+
+def svd_basis(grad: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` singular vectors of ``grad`` on its smaller side, ``(min(m, n), r)``, fp32.
+
+    The slice is copied: a view would keep the whole ``U`` or ``Vᵀ`` (``min(m,n)²`` entries) alive.
+    """
+    r = effective_rank(grad.shape, rank)
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+    if is_left(grad.shape):
+        return u[:, :r].contiguous()
+    return vh[:r].t().contiguous()
+
+
+def _orthonormalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x, mode="reduced").Q
+
+
+def randomized_basis(
+    grad: torch.Tensor,
+    rank: int,
+    *,
+    seed: tuple[int, ...],
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> torch.Tensor:
+    """Randomized range finder (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1).
+
+    Sketches the smaller side with ``rank + oversample`` Gaussian vectors, sharpens the sketch with
+    ``power_iters`` = q orthonormalized power iterations (the sketch then sees ``σ^(2q+1)``, which
+    separates the top r directions from the tail), then solves the small projected problem exactly. The sketch is drawn
+    on the CPU from ``seed`` (a tuple for :func:`cpu_generator`) so every process gets the same
+    basis. Cost ``O(mn(r+p)(2q+2))`` instead of a full SVD's ``O(mn·min(m,n))``.
+    """
+    a = grad.float()
+    if not is_left(a.shape):
+        a = a.t()  # now a is (small, large) and we want its left basis
+    small, large = a.shape
+    r = effective_rank(a.shape, rank)
+    width = min(r + oversample, small)
+    omega = torch.randn(large, width, generator=cpu_generator(*seed, STREAM_SKETCH)).to(a.device)
+    q = _orthonormalize(a @ omega)
+    for _ in range(power_iters):
+        q = _orthonormalize(a.t() @ q)
+        q = _orthonormalize(a @ q)
+    # Left singular vectors of the small ``B = Qᵀ A`` from the eigenvectors of ``B Bᵀ``: an
+    # ``(r+p)²`` eigenproblem instead of an SVD of the ``(r+p) × large`` matrix, which dominated the
+    # cost. fp64 keeps the squared spectrum resolvable (fp32 would blur σ below ~3e-4·σ_max).
+    b = (q.t() @ a).double()
+    _, eigvecs = torch.linalg.eigh(b @ b.t())  # ascending eigenvalues
+    u_small = eigvecs.flip(1)[:, :r].to(q.dtype)
+    return (q @ u_small).contiguous()
+
+
+def gaussian_projection(
+    shape: torch.Size | tuple[int, ...], rank: int, *, seed: tuple[int, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """APOLLO's random projection: ``(min(m, n), r)`` with i.i.d. ``N(0, 1/r)`` entries, fp32.
+
+    Not orthonormal; ``Pᵀ P ≈ (d/r) I`` only in expectation, which is why APOLLO never projects
+    back and uses ``R`` only to estimate per-channel scaling factors.
+    """
+    r = effective_rank(shape, rank)
+    side = min(shape)
+    draw = torch.randn(side, r, generator=cpu_generator(*seed, STREAM_GAUSSIAN))
+    return (draw / math.sqrt(r)).to(device)
+
+
+def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``R = Pᵀ G`` (left) or ``G P`` (right)."""
+    if is_left(grad.shape):
+        return basis.t() @ grad
+    return grad @ basis
+
+
+def project_back(low: torch.Tensor, basis: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Map an ``R``-shaped tensor back to the parameter's ``shape``: ``P X`` or ``X Pᵀ``."""
+    if is_left(shape):
+        return basis @ low
+    return low @ basis.t()
+
+
+def channel_scaling(
+    adam_low: torch.Tensor, low: torch.Tensor, shape: torch.Size | tuple[int, ...], per_channel: bool = True
+) -> torch.Tensor:
+    """Fira/APOLLO factor ``‖Adam(R)_j‖ / ‖R_j‖``, shaped to broadcast against the full gradient.
+
+    The channels are the larger side's rows/columns (the ones ``R`` keeps): columns when the basis
+    is on the left, rows when it is on the right. ``per_channel=False`` gives APOLLO-Mini's single
+    tensor-wise factor.
+    """
+    if not per_channel:
+        return adam_low.norm() / (low.norm() + NORM_EPS)
+    if is_left(shape):
+        return adam_low.norm(dim=0) / (low.norm(dim=0) + NORM_EPS)  # (n,) broadcasts over rows
+    return (adam_low.norm(dim=1) / (low.norm(dim=1) + NORM_EPS)).unsqueeze(1)  # (m, 1)
+
+
+def limit_norm_growth(update: torch.Tensor, previous_norm: torch.Tensor, max_ratio: float = 1.01) -> torch.Tensor:
+    """Fira's norm-growth limiter: shrink ``update`` so ``‖update‖ ≤ max_ratio · previous``.
+
+    ``update`` is scaled in place (it is a full-size temporary) and returned. ``previous_norm`` is
+    a 0-dim tensor updated in place to the norm actually applied; ``0`` means "no history" (first
+    step, or after a momentum reset) and lets the update through unchanged. Tensor ops only, so no
+    host-device synchronisation.
+    """
+    norm = update.norm()
+    ratio = torch.clamp(norm / (previous_norm + NORM_EPS), min=max_ratio) / max_ratio
+    limiter = torch.where(previous_norm > 0, ratio, torch.ones_like(ratio))
+    previous_norm.copy_(norm / limiter)
+    return update.div_(limiter)

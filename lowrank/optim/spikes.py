@@ -1,0 +1,76 @@
+"""Gradient-spike handling (SPAM, arXiv 2501.06842; Stable-SPAM, arXiv 2502.17055) as pure functions.
+
+All functions return new tensors or update 0-dim statistic tensors in place; none of them reads a
+value back to the host, so they do not synchronise a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def spam_clip(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) -> torch.Tensor:
+    """SPAM spike-aware clipping: where ``g² > θ·v`` replace ``g`` by ``sign(g)·sqrt(θ·v)``.
+
+    ``exp_avg_sq`` is Adam's second moment *before* this step's update (``v_{t-1}``), without bias
+    correction, as in the paper. Callers skip this while ``v`` is still near zero after a reset,
+    otherwise every entry would count as a spike.
+    """
+    # |g| > sqrt(θv) is g² > θv, and sign(g)·sqrt(θv) is then the nearer bound, so the rule is a
+    # clamp to ±sqrt(θv): three passes over the tensor instead of seven.
+    bound = (threshold * exp_avg_sq).sqrt_()
+    return torch.clamp(grad, min=-bound, max=bound)
+
+
+def reset_warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
+    """SPAM's post-reset ramp: ``0.01`` at the reset step rising along a cosine to ``1``.
+
+    ``factor(k) = 0.01 + 0.99 · (1 − cos(π k / W)) / 2`` for ``k < W`` steps since the reset, and
+    ``1`` from ``k = W`` on.
+    """
+    if warmup_steps <= 0 or steps_since_reset >= warmup_steps:
+        return 1.0
+    return 0.01 + 0.99 * 0.5 * (1.0 - math.cos(math.pi * steps_since_reset / warmup_steps))
+
+
+def adaptive_clip(grad: torch.Tensor, max_abs_avg: torch.Tensor, gamma: float, step: int) -> torch.Tensor:
+    """Stable-SPAM adaptive spike clipping.
+
+    Keeps an EMA of ``max|g|`` (``max_abs_avg``, updated in place) with decay ``gamma`` (γ3), bias
+    corrected with ``step`` (1-based count of gradients seen). Entries with ``|g|`` above the
+    corrected average ``T`` are rescaled to ``g / max|g| · T``: the largest entry lands on ``T`` and
+    the order of the spiking entries is kept.
+    """
+    max_abs = grad.abs().max()
+    max_abs_avg.lerp_(max_abs.to(max_abs_avg.dtype), 1.0 - gamma)
+    threshold = max_abs_avg / (1.0 - gamma**step)
+    return torch.where(grad.abs() > threshold, grad / max_abs * threshold, grad)
+
+
+def norm_scaling(
+    grad: torch.Tensor,
+    norm_avg: torch.Tensor,
+    norm_sq_avg: torch.Tensor,
+    gamma_norm: float,
+    gamma_norm_sq: float,
+    step: int,
+    eps: float,
+) -> torch.Tensor:
+    """Stable-SPAM adaptive gradient-norm scaling: ``g ← g / ‖g‖ · m̂ / (sqrt(v̂) + eps)``.
+
+    ``m``, ``v`` are EMAs of ``‖g‖`` (decay γ1) and ``‖g‖²`` (decay γ2), updated in place and bias
+    corrected with ``step``. The result has norm close to a running average of past norms, so one
+    spiking batch cannot blow up the update. A zero gradient is returned unchanged and leaves the
+    statistics untouched (the reference skips the parameter instead).
+    """
+    norm = torch.linalg.vector_norm(grad).to(norm_avg.dtype)
+    active = norm > 0
+    norm_avg.copy_(torch.where(active, torch.lerp(norm_avg, norm, 1.0 - gamma_norm), norm_avg))
+    norm_sq_avg.copy_(torch.where(active, torch.lerp(norm_sq_avg, norm.square(), 1.0 - gamma_norm_sq), norm_sq_avg))
+    mean = norm_avg / (1.0 - gamma_norm**step)
+    rms = (norm_sq_avg / (1.0 - gamma_norm_sq**step)).sqrt()
+    target = mean / (rms + eps)
+    safe_norm = torch.where(active, norm, torch.ones_like(norm))
+    return torch.where(active, grad / safe_norm * target, grad)
