@@ -11,8 +11,6 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
-from peft import LoraConfig
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -110,6 +108,10 @@ class ParameterCount:
 
 def match_target_modules(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:
     """Names of the modules of ``model`` that PEFT's rules select (any module type), in module order."""
+    # Imported here: PEFT pulls in half of the ecosystem and would add seconds to `import lowrank`.
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
     # A LoraConfig only as a carrier for PEFT's matching rules; its rank is irrelevant here.
     peft_config = LoraConfig(target_modules=copy.deepcopy(target_modules), exclude_modules=copy.deepcopy(exclude_modules))
     peft_config = _maybe_include_all_linear_layers(peft_config, model)

@@ -1,0 +1,1 @@
+"""Bundled presets: models/*.json (LLaMA shapes) and methods/*.yaml (training recipes)."""

@@ -1,0 +1,47 @@
+"""The ``lowrank`` command: ``lowrank pretrain | memory | export``.
+
+User errors (:class:`lowrank.errors.UsageError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import train
+
+    parser = argparse.ArgumentParser(prog="lowrank", description="Memory-efficient LLM pretraining.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="pretrain a causal LM with a method preset",
+                                   description="Pretrain a causal LM with a method preset (single process or torchrun DDP).")
+    train.add_arguments(pretrain)
+    pretrain.set_defaults(handler=train.run_from_args)
+    from .memory import cli as memory_cli
+
+    memory = commands.add_parser("memory", help="estimate (and measure) the training memory of methods",
+                                 description="Estimate the training memory of methods on a model, optionally measured against real steps.")
+    memory_cli.add_arguments(memory)
+    memory.set_defaults(handler=memory_cli.run_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except UsageError as error:
+        print(f"lowrank {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

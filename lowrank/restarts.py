@@ -1,0 +1,274 @@
+"""One clock for every periodic event of a training run.
+
+Low-rank pretraining has three things that happen "every T steps": the layers change
+coordinates (balanced refactorization, or a ReLoRA merge into the base), the optimizer's moments
+are reset because they refer to the old coordinates, and the learning rate restarts with a short
+re-warm-up. Published code runs these on unrelated counters (the benchmark paper's refactor
+events fire on a cycle unrelated to its LR schedule; SPAM's scripts pass the LR warm-up as the
+reset warm-up). :class:`RestartController` owns the step counter, so all three happen on the same
+step, and its state travels in the checkpoint.
+
+Schedule: linear warm-up, cosine decay to ``min_lr_ratio``, and after each restart a linear
+re-warm-up from 0 to the cosine envelope over ``rewarmup_steps`` (ReLoRA's "jagged cosine",
+Lialin et al. 2023, arXiv 2307.05695, section 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .wrap import _unwrap_parallel, lowrank_layers
+
+__all__ = ["RestartController", "jagged_cosine", "reset_optimizer_momentum", "EVENTS", "RESETS"]
+
+EVENTS = ("auto", "refactorize", "merge", "none")
+RESETS = ("changed", "all", "none")
+
+
+def jagged_cosine(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    cycle_length: int | None = None,
+    rewarmup_steps: int = 0,
+) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based).
+
+    ``(step + 1) / warmup_steps`` during the warm-up; then ``min + (1 - min)·½(1 + cos(π·p))``
+    with ``p`` the progress after warm-up. After every ``cycle_length`` steps (a restart) the
+    multiplier ramps linearly from ``1/rewarmup_steps`` of the envelope back to it.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    envelope = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cycle_length and rewarmup_steps and step >= cycle_length:
+        since_restart = step % cycle_length
+        if since_restart < rewarmup_steps:
+            return envelope * (since_restart + 1) / rewarmup_steps
+    return envelope
+
+
+def reset_optimizer_momentum(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
+    """Zero the moments of ``params`` (all when ``None``) and restart their bias correction.
+
+    Uses the optimizer's own ``reset_momentum`` when it has one (:class:`lowrank.optim.ProjectedAdamW`
+    restarts its warm-up ramp and sparse subsets too); for ``torch.optim.Adam``/``AdamW`` it
+    zeroes ``exp_avg``/``exp_avg_sq`` and the step count in place. Returns the number of
+    parameters reset.
+    """
+    params = list(params) if params is not None else [p for group in optimizer.param_groups for p in group["params"]]
+    if hasattr(optimizer, "reset_momentum"):
+        optimizer.reset_momentum(params)
+        return len(params)
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(
+            f"cannot reset the momentum of {type(optimizer).__name__}: use lowrank.optim.ProjectedAdamW "
+            "or torch.optim.AdamW, or set reset='none'"
+        )
+    for param in params:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state:
+                state[key].zero_()
+        if torch.is_tensor(state["step"]):
+            state["step"].zero_()
+        else:
+            state["step"] = 0
+    return len(params)
+
+
+@dataclass
+class RestartEvent:
+    """What a restart did: for logs and tests."""
+
+    step: int
+    event: str
+    layers: int
+    reset_params: int
+    mean_top_singular_value: float | None = None
+
+
+class RestartController:
+    """Keeps layer events, momentum resets and learning-rate restarts on one clock.
+
+    Call :meth:`step` once after every ``optimizer.step()``. Every ``cycle_length`` steps it
+
+    1. changes the layers' coordinates: ``refactorize`` (balanced SVD of ``B A``, Glentis et al.
+       2025, arXiv 2505.22922) or ``merge`` (``W0 ← W0 + s·BA``, ReLoRA); ``auto`` merges layers
+       that have a frozen base and refactorizes the others;
+    2. resets the optimizer moments of exactly the parameters whose coordinates changed
+       (``reset="changed"``), of every parameter (``"all"``, SPAM's periodic reset) or of none;
+    3. restarts the learning rate: a ``rewarmup_steps`` linear ramp inside the cosine envelope.
+
+    It also sets each parameter group's ``lr`` before every step (``base_lr × jagged_cosine``),
+    so no separate LR scheduler can drift from the event clock; :meth:`lr_lambda` gives the same
+    multiplier to code that needs an LR scheduler object (e.g. Hugging Face ``Trainer``).
+
+    Under ``torch.distributed`` the changed factors are broadcast from rank 0 after each event,
+    so every rank holds bit-identical weights whatever its LAPACK threads did.
+
+    Args:
+        model: the (possibly DDP-wrapped or compiled) model.
+        optimizer: any optimizer; momentum resets need ``reset_momentum`` or torch Adam/AdamW.
+        total_steps: length of the run in optimizer steps (for the cosine envelope).
+        cycle_length: steps between restarts (200 is the benchmark paper's best); ``None``
+            disables restarts and leaves a plain warm-up + cosine schedule.
+        event: one of :data:`EVENTS`.
+        reset: one of :data:`RESETS`.
+        warmup_steps: initial linear warm-up.
+        rewarmup_steps: linear re-warm-up after each restart (0: none).
+        min_lr_ratio: floor of the cosine, as a fraction of the base learning rate.
+        manage_lr: set the learning rate of the parameter groups (turn off when an external
+            scheduler owns it and uses :meth:`lr_lambda`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        cycle_length: int | None = 200,
+        event: str = "auto",
+        reset: str = "changed",
+        warmup_steps: int = 0,
+        rewarmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        manage_lr: bool = True,
+    ) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
+        if reset not in RESETS:
+            raise ValueError(f"reset must be one of {', '.join(RESETS)}, got {reset!r}")
+        if cycle_length is not None and cycle_length <= 0:
+            raise ValueError(f"cycle_length must be a positive number of steps or None, got {cycle_length!r}")
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0 or rewarmup_steps < 0:
+            raise ValueError("warmup_steps and rewarmup_steps must be >= 0")
+        if cycle_length is not None and rewarmup_steps >= cycle_length:
+            raise ValueError(f"rewarmup_steps ({rewarmup_steps}) must be shorter than cycle_length ({cycle_length})")
+        self.model = model
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.cycle_length = cycle_length
+        self.event = event
+        self.reset = reset
+        self.warmup_steps = warmup_steps
+        self.rewarmup_steps = rewarmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.manage_lr = manage_lr
+        self.num_steps = 0
+        self.num_restarts = 0
+        self.history: list[RestartEvent] = []
+        layers = lowrank_layers(_unwrap_parallel(model))
+        if event in ("refactorize", "merge") and not layers:
+            raise ValueError(f"event={event!r} needs a wrapped model (lowrank.wrap); this model has no LowRankLinear layers")
+        if event == "merge" and any(layer.base_weight is None for layer in layers.values()):
+            raise ValueError("event='merge' needs layers with a frozen base: wrap with LowRankConfig(keep_base=True)")
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        self._apply_lr()
+
+    # ------------------------------------------------------------------ schedule
+
+    def lr_lambda(self, step: int) -> float:
+        """The learning-rate multiplier for optimizer step ``step`` (0-based)."""
+        return jagged_cosine(
+            step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            cycle_length=self.cycle_length,
+            rewarmup_steps=self.rewarmup_steps,
+        )
+
+    def _apply_lr(self) -> None:
+        if not self.manage_lr:
+            return
+        multiplier = self.lr_lambda(self.num_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+    # ------------------------------------------------------------------ events
+
+    def is_restart_step(self, step: int) -> bool:
+        """Whether a restart follows optimizer step number ``step`` (1-based count of steps done)."""
+        return bool(self.cycle_length) and step % self.cycle_length == 0 and step < self.total_steps
+
+    def step(self) -> RestartEvent | None:
+        """Advance the clock by one optimizer step; run a restart when one is due."""
+        self.num_steps += 1
+        record = self.restart() if self.is_restart_step(self.num_steps) else None
+        self._apply_lr()
+        return record
+
+    @torch.no_grad()
+    def restart(self) -> RestartEvent:
+        """Run the layer event and the momentum reset now (also callable by hand)."""
+        layers = lowrank_layers(_unwrap_parallel(self.model))
+        changed: list[torch.Tensor] = []
+        top_singular_values = []
+        event = "none" if self.event == "none" else None
+        for layer in layers.values():
+            if self.event == "none":
+                break
+            if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None):
+                layer.merge()
+                event = "merge" if event in (None, "merge") else "mixed"
+            else:
+                top_singular_values.append(float(layer.refactorize()[0]))
+                event = "refactorize" if event in (None, "refactorize") else "mixed"
+            changed.extend(layer.factor_parameters())
+            if layer.base_weight is not None:
+                changed.append(layer.base_weight)
+        _broadcast_from_rank0(changed)
+        if self.reset == "changed":
+            trainable = [p for p in changed if p.requires_grad]
+            reset_count = reset_optimizer_momentum(self.optimizer, trainable) if trainable else 0
+        elif self.reset == "all":
+            reset_count = reset_optimizer_momentum(self.optimizer)
+        else:
+            reset_count = 0
+        record = RestartEvent(
+            step=self.num_steps,
+            event=event or "none",
+            layers=len(layers) if self.event != "none" else 0,
+            reset_params=reset_count,
+            mean_top_singular_value=sum(top_singular_values) / len(top_singular_values) if top_singular_values else None,
+        )
+        self.history.append(record)
+        self.num_restarts += 1
+        return record
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict:
+        """Plain numbers only (``torch.load(weights_only=True)`` reads it)."""
+        return {"num_steps": self.num_steps, "num_restarts": self.num_restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+        self.num_restarts = int(state.get("num_restarts", 0))
+        self._apply_lr()
+
+
+def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)
