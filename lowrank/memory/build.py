@@ -1,0 +1,130 @@
+"""One way to turn (model config, method, rank, dtypes) into a model and an optimizer, shared by
+the estimator (on the ``meta`` device) and the profiler (on a real one), so that both describe
+the same objects ``lowrank pretrain`` would build: the same preset, the same ``--rank`` rule
+(:func:`lowrank.methods.method_overrides`), the same wrapping and parameter groups."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..errors import UsageError
+from ..methods import Method, apply_method, available_methods, build_optimizer, load_method, method_overrides
+from ..models import build_model, load_model_config
+from .peers import PEERS, Peer, build_adamw8bit
+
+__all__ = ["DTYPES", "Resolved", "available", "parse_dtype", "resolve", "build"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available() -> list[str]:
+    """Every method name the memory tools accept: the presets, then the peers."""
+    return available_methods() + list(PEERS)
+
+
+def parse_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    name = aliases.get(str(value), str(value))
+    if name not in DTYPES:
+        raise UsageError(f"{what} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[name]
+
+
+@dataclass
+class Resolved:
+    """A method ready to build: a preset (``method``) or a peer (``peer``), and what was used."""
+
+    name: str
+    method: Method | None
+    peer: Peer | None
+    rank: int | None
+    optimizer: str
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dtype = torch.float32,
+            state_dtype: torch.dtype | None = None) -> Resolved:
+    """Read the preset (or peer) ``name`` with ``rank`` and ``state_dtype`` applied.
+
+    ``state_dtype`` becomes ProjectedAdamW's ``state_dtype`` for every group. ``torch.optim.AdamW``
+    (the ``full_rank`` preset) keeps its moments in the parameter dtype; when ``state_dtype``
+    differs from ``weight_dtype`` the baseline runs as ProjectedAdamW with every option off (the
+    same AdamW update) so that, e.g., bf16 weights get fp32 moments as mixed-precision recipes do.
+    """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise UsageError(f"--rank must be a positive integer, got {rank!r}")
+    key = str(name)
+    if key in PEERS:
+        notes = [f"--rank does not apply to {key} (dense weights, no projection)"] if rank is not None else []
+        if state_dtype is not None:
+            notes.append("8-bit moments (tensors under 4096 elements: fp32); --state-dtype does not apply")
+        return Resolved(key, None, PEERS[key], None, PEERS[key].optimizer, notes)
+    if key not in available_methods() and not Path(key).is_file():
+        close = difflib.get_close_matches(key, available(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"unknown method {key!r}.{hint} Choose from {', '.join(available())} or a preset YAML path")
+    overrides = method_overrides(key, rank=rank)
+    base = load_method(key)
+    optimizer_name = base.optimizer.get("name", "projected_adamw")
+    notes = []
+    if state_dtype is not None:
+        if optimizer_name == "adamw" and state_dtype != weight_dtype:
+            overrides["optimizer.name"] = "projected_adamw"
+            optimizer_name = "projected_adamw"
+            notes.append(f"AdamW with {_dtype_name(state_dtype)} moments as ProjectedAdamW (options off): "
+                         "torch.optim.AdamW keeps moments in the weight dtype")
+        if optimizer_name == "projected_adamw":
+            overrides["optimizer.matrix.state_dtype"] = state_dtype
+            overrides["optimizer.other.state_dtype"] = state_dtype
+    method = load_method(key, overrides)
+    used_rank = None
+    if method.lowrank is not None:
+        used_rank = method.lowrank.get("rank")
+    elif (method.optimizer.get("matrix") or {}).get("projection"):
+        used_rank = method.optimizer["matrix"].get("rank", 128)
+    label = "torch.optim.AdamW" if optimizer_name == "adamw" else "lowrank.optim.ProjectedAdamW"
+    return Resolved(method.name, method, None, used_rank, label, notes)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def load_config(model_config: str | Path | PretrainedConfig) -> tuple[PretrainedConfig, str]:
+    if isinstance(model_config, PretrainedConfig):
+        return model_config, getattr(model_config, "name_or_path", "") or model_config.model_type
+    return load_model_config(str(model_config)), Path(str(model_config)).stem
+
+
+def build(config: PretrainedConfig, resolved: Resolved, *, device: torch.device | str = "meta",
+          weight_dtype: torch.dtype = torch.float32, seed: int = 0,
+          with_optimizer: bool = True) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    """The model (wrapped per the method) in ``weight_dtype`` on ``device``, and its optimizer.
+
+    On ``meta`` nothing is allocated; a peer's optimizer is not built there (its layout is
+    computed from the parameters). Raises :class:`UsageError` when the rank does not fit a layer,
+    for low-rank factors (the wrap refuses) and for gradient projection alike (ProjectedAdamW
+    would silently use ``min(m, n)``, a rank the user did not ask for).
+    """
+    meta = str(device) == "meta"
+    model = build_model(config, device="meta") if meta else build_model(config, seed=seed)
+    model.to(dtype=weight_dtype)
+    if resolved.method is not None:
+        apply_method(model, resolved.method, seed=seed)
+    if not meta:
+        model.to(device)
+    if not with_optimizer:
+        return model, None
+    if resolved.peer is not None:
+        if meta:
+            return model, None
+        return model, build_adamw8bit([p for p in model.parameters() if p.requires_grad])
+    return model, build_optimizer(model, resolved.method, seed=seed)

@@ -1,0 +1,107 @@
+"""``lowrank memory``: estimate (and optionally measure) the training memory of methods."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from . import report
+from .build import DTYPES, available, load_config
+from .estimate import MemoryEstimate, estimate
+from .measure import measure_method
+
+__all__ = ["add_arguments", "run_from_args"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", required=True, help="bundled model (tiny, llama_60m ... llama_7b) or a Hugging Face config JSON")
+    add("--method", default="all",
+        help=f"comma-separated methods, or 'all' ({', '.join(available())}); preset YAML paths work too")
+    add("--rank", type=int, default=None, help="override every rank of the presets (factors and gradient projection)")
+    add("--weight-dtype", default="float32", choices=sorted(DTYPES), help="parameters, gradients, activations")
+    add("--state-dtype", default="float32", choices=sorted(DTYPES),
+        help="Adam moments (ProjectedAdamW's state_dtype; full_rank switches to ProjectedAdamW when it differs "
+             "from --weight-dtype, since torch's AdamW keeps moments in the weight dtype)")
+    add("--batch-size", type=int, default=1, help="micro-batch size")
+    add("--seq-len", type=int, default=2048, help="tokens per sequence")
+    add("--checkpointing", action="store_true", help="activation checkpointing of every decoder layer")
+    add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
+    add("--json", nargs="?", const="-", default=None, metavar="PATH",
+        help="JSON instead of the table on stdout, or (with PATH) written there as well")
+    add("--plot", default=None, metavar="PNG", help="stacked bar chart per method")
+
+
+# "all" lists the methods by family: dense baselines, cheaper moments, projected gradients,
+# low-rank weights; presets added later follow alphabetically.
+_FAMILY_ORDER = ("full_rank", "adamw8bit", "spam", "stable_spam", "galore", "fira", "apollo",
+                 "low_rank", "low_rank_restarts", "lowrank_sparse", "relora", "sltrain")
+
+
+def _methods(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise UsageError("--method is empty; name one or more methods, e.g. --method full_rank,galore")
+    if names == ["all"]:
+        return sorted(available(), key=lambda name: (_FAMILY_ORDER.index(name) if name in _FAMILY_ORDER else len(_FAMILY_ORDER), name))
+    return list(dict.fromkeys(names))
+
+
+def _model_info(config, name: str, e: MemoryEstimate) -> dict[str, Any]:
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    return {"name": name, **{key: getattr(config, key, None) for key in keys}, "parameters": e.parameters}
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("batch_size", "seq_len"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.rank is not None and args.rank <= 0:
+        raise UsageError(f"--rank must be positive, got {args.rank}")
+    if args.measure < 0:
+        raise UsageError(f"--measure must be >= 0 steps, got {args.measure}")
+    methods = _methods(args.method)
+    options = dict(rank=args.rank, weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
+                   batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing)
+    config, name = load_config(args.model)
+    start = time.perf_counter()
+    estimates = [estimate(args.model, method, **options) for method in methods]
+    by_name = {e.method: e for e in estimates}
+    baseline = by_name.get(report.BASELINE) or estimate(args.model, report.BASELINE, **options)
+    seconds = time.perf_counter() - start
+
+    pairs = []
+    if args.measure:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        for method, e in zip(methods, estimates):
+            pairs.append((e, measure_method(args.model, method, steps=args.measure, device=device, **options)))
+
+    data = report.to_json(estimates, baseline, model_info=_model_info(config, name, baseline),
+                          requested_rank=args.rank, measurements=pairs)
+    if args.json == "-":
+        sys.stdout.write(report.dumps(data))
+    else:
+        print(report.format_table(estimates, baseline))
+        print(f"({len(estimates)} estimate(s) in {seconds:.2f} s)")
+        if pairs:
+            print()
+            print(report.format_comparison(pairs))
+        if args.json:
+            try:
+                with open(args.json, "w") as handle:
+                    handle.write(report.dumps(data))
+            except OSError as error:
+                raise UsageError(f"--json {args.json}: cannot write ({error.strerror})") from None
+    if args.plot:
+        try:
+            report.plot(estimates, baseline, args.plot)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--plot {args.plot}: cannot write the PNG ({error})") from None
+    return data

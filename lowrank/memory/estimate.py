@@ -1,0 +1,256 @@
+"""Analytic memory estimate of training a model with a method, without allocating memory.
+
+The model is built on the ``meta`` device and wrapped by the method's real code
+(:mod:`lowrank.memory.build`), so weights and gradients are counted from the real parameter
+shapes with :mod:`lowrank.accounting`; the optimizer's state is laid out parameter by parameter
+from the real parameter groups and the optimizers' documented state rules (below); activations
+come from the stated formula in :mod:`lowrank.memory.activations`.
+
+Optimizer state, per trainable parameter ``p`` (``m × n`` when 2-D):
+
+* ``torch.optim.AdamW``: ``exp_avg`` and ``exp_avg_sq`` in ``p``'s dtype, and a 0-dim fp32 ``step``.
+* ``ProjectedAdamW`` (class docstring of :class:`lowrank.optim.ProjectedAdamW`): two moments in
+  ``state_dtype`` (default ``p``'s dtype) shaped like ``p``, or like ``R`` (``r × n`` when
+  ``m < n``, else ``m × r``, ``r = effective_rank``) when projected, plus the ``min(m, n) × r``
+  projector; with sparse momentum only ``k = subset_size(numel, density)`` moment entries, and the
+  optimizer caches the subset's indices outside its state (4 bytes per entry, ``optimizer_extra``);
+  a 0-dim fp32 limiter norm with Fira's residual or APOLLO's random projection; three 0-dim fp32
+  Stable-SPAM statistics (``adaptive_clip``: 1, ``norm_scaling``: 2). Counters are Python ints.
+* ``bitsandbytes`` AdamW8bit: :func:`lowrank.memory.peers.adamw8bit_state_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..accounting import buffer_bytes, gradient_bytes, parameter_bytes
+from ..errors import UsageError
+from ..optim import ProjectedAdamW
+from ..optim.projection import effective_rank, is_left
+from ..seeding import subset_size
+from ..wrap import count_parameters, lowrank_layers
+from .activations import ActivationBytes, llama_activation_bytes
+from .build import build, load_config, parse_dtype, resolve
+from .peers import adamw8bit_state_bytes
+
+__all__ = ["MemoryEstimate", "estimate", "optimizer_state_layout"]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one training set-up. ``total = weights + gradients + optimizer_state +
+    optimizer_extra + activations``.
+
+    Attributes:
+        weights: parameters (trainable and frozen, e.g. ReLoRA's base) plus buffers (SLTrain's
+            int32 sparse indices — memory the method needs — and the rotary tables);
+            ``weight_detail`` splits it into trainable and frozen parameters and buffers.
+        gradients: one gradient per trainable parameter, in its dtype.
+        optimizer_state: every tensor in ``optimizer.state`` (what ``state_dict`` saves);
+            ``optimizer_detail`` splits it into moments, projectors, quantization statistics and
+            scalars.
+        optimizer_extra: memory the optimizer holds outside its state (the index cache of
+            sparse-momentum subsets).
+        activations: saved activations and logits for one micro-batch (an estimate; see
+            :mod:`lowrank.memory.activations`); ``activation_detail`` breaks it down.
+    """
+
+    model: str
+    method: str
+    optimizer: str
+    rank: int | None
+    weight_dtype: str
+    state_dtype: str | None
+    batch_size: int
+    seq_len: int
+    checkpointing: bool
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    optimizer_extra: int
+    activations: int
+    weight_detail: dict[str, int] = field(default_factory=dict)
+    optimizer_detail: dict[str, int] = field(default_factory=dict)
+    activation_detail: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_state(self) -> int:
+        """Everything but activations: weights, gradients and the optimizer's memory."""
+        return self.weights + self.gradients + self.optimizer_state + self.optimizer_extra
+
+    @property
+    def total(self) -> int:
+        return self.model_state + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"] = list(self.notes)
+        data["model_state"] = self.model_state
+        data["total"] = self.total
+        return data
+
+
+def _check_size(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+
+def estimate(
+    model_config: str | Path | PretrainedConfig,
+    method: str | Path,
+    *,
+    rank: int | None = None,
+    weight_dtype: str | torch.dtype = torch.float32,
+    state_dtype: str | torch.dtype | None = None,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Estimate the training memory of ``method`` on ``model_config``; allocates nothing.
+
+    Args:
+        model_config: a bundled name (``"llama_1b"``), a Hugging Face config JSON path or a
+            ``PretrainedConfig`` of a causal LM.
+        method: a preset name (``"galore"``), a preset YAML path, or ``"adamw8bit"``.
+        rank: overrides every rank of the preset (factors and gradient projection).
+        weight_dtype: parameters, gradients and activations.
+        state_dtype: Adam moments (``None``: the parameter dtype, the optimizers' default).
+        batch_size, seq_len: one micro-batch.
+        checkpointing: activation checkpointing of every decoder layer.
+
+    Raises:
+        UsageError: unknown method or model, a config that is not a causal LM, a non-positive
+            size, or a rank larger than a layer.
+    """
+    _check_size("batch_size", batch_size)
+    _check_size("seq_len", seq_len)
+    weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
+    state_dtype = parse_dtype(state_dtype, "state_dtype")
+    config, model_name = load_config(model_config)
+    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
+    model, optimizer = build(config, resolved, device="meta", weight_dtype=weight_dtype)
+    if optimizer is None:  # a peer: all trainable parameters in one group
+        detail = adamw8bit_state_bytes(p for p in model.parameters() if p.requires_grad)
+        extra = 0
+    else:
+        detail, extra = optimizer_state_layout(optimizer)
+    counts = count_parameters(model)
+    activations = model_activations(config, model, weight_dtype, batch_size, seq_len, checkpointing)
+    return MemoryEstimate(
+        model=model_name,
+        method=resolved.name,
+        optimizer=resolved.optimizer,
+        rank=resolved.rank,
+        weight_dtype=_name(weight_dtype),
+        state_dtype=_name(state_dtype),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        checkpointing=checkpointing,
+        parameters=counts.total,
+        trainable_parameters=counts.trainable,
+        weights=parameter_bytes(model) + buffer_bytes(model),
+        gradients=gradient_bytes(model),
+        weight_detail={
+            "trainable": parameter_bytes(model, trainable_only=True),
+            "frozen": parameter_bytes(model) - parameter_bytes(model, trainable_only=True),
+            "buffers": buffer_bytes(model),
+        },
+        optimizer_state=sum(detail.values()),
+        optimizer_extra=extra,
+        activations=activations.total,
+        optimizer_detail=detail,
+        activation_detail=activations.to_dict(),
+        notes=tuple(resolved.notes),
+    )
+
+
+def _name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.dtype, batch_size: int,
+                      seq_len: int, checkpointing: bool) -> ActivationBytes:
+    """:func:`llama_activation_bytes` with the sizes read from ``config`` and the low-rank
+    intermediates from the wrapped ``model`` (their ranks summed per decoder layer)."""
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    ranks = sum(layer.rank for layer in lowrank_layers(model).values())
+    return llama_activation_bytes(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        hidden_size=hidden,
+        # GPT-2 style configs leave the MLP width unset (n_inner=None means 4h).
+        intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        vocab_size=config.vocab_size,
+        dtype_bytes=dtype.itemsize,
+        rank_sum_per_layer=math.ceil(ranks / layers),
+        checkpointing=checkpointing,
+    )
+
+
+def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, int], int]:
+    """Bytes the state of ``optimizer`` (``torch.optim.AdamW`` or ``ProjectedAdamW``) will hold
+    once every parameter has stepped, computed from its parameter groups without stepping.
+
+    Returns:
+        ``({"moments", "projectors", "scalars"}, extra)`` where ``extra`` is memory held outside
+        ``optimizer.state`` (sparse-momentum index caches).
+    """
+    detail = {"moments": 0, "projectors": 0, "scalars": 0}
+    extra = 0
+    if isinstance(optimizer, ProjectedAdamW):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                sizes, cache = _projected_adamw_param(tuple(p.shape), p.dtype, group)
+                for key, value in sizes.items():
+                    detail[key] += value
+                extra += cache
+    elif type(optimizer) is torch.optim.AdamW:
+        for group in optimizer.param_groups:
+            if group.get("amsgrad"):
+                raise UsageError("AdamW with amsgrad is not modelled by the memory estimator")
+            for p in group["params"]:
+                detail["moments"] += 2 * p.numel() * p.dtype.itemsize
+                detail["scalars"] += 4  # torch keeps ``step`` as a 0-dim fp32 tensor
+    else:
+        raise UsageError(f"no memory layout for optimizer {type(optimizer).__name__}")
+    return detail, extra
+
+
+def _projected_adamw_param(shape: tuple[int, ...], dtype: torch.dtype, group: dict) -> tuple[dict[str, int], int]:
+    """ProjectedAdamW's state for one parameter (rules in the module docstring)."""
+    state_dtype = group["state_dtype"] or dtype
+    matrix = len(shape) == 2
+    kind = group["projection"] if matrix else None
+    projectors = cache = scalars = 0
+    low_shape = shape
+    if kind is not None:
+        r = effective_rank(shape, group["rank"])
+        low_shape = (r, shape[1]) if is_left(shape) else (shape[0], r)
+        projectors = min(shape) * r * state_dtype.itemsize
+    numel = math.prod(low_shape)
+    if matrix and group["density"] < 1.0:
+        k = subset_size(numel, group["density"])
+        cache = k * (4 if numel <= torch.iinfo(torch.int32).max else 8)
+        numel = k
+    if (kind in ("svd", "randomized") and group["residual"] == "fira") or kind == "random":
+        scalars += 4  # limiter_norm
+    if group["adaptive_clip"]:
+        scalars += 4  # max_abs_avg
+    if group["norm_scaling"]:
+        scalars += 8  # norm_avg, norm_sq_avg
+    return {"moments": 2 * numel * state_dtype.itemsize, "projectors": projectors, "scalars": scalars}, cache

@@ -1,0 +1,247 @@
+"""Measured memory of real training steps: exact tensor bytes and the peak.
+
+Parameters, gradients and optimizer state are counted tensor by tensor with
+:mod:`lowrank.accounting` (exact). Activations are the tensors autograd saves for backward in the
+last step (exact on any device, caught with ``torch.autograd.graph.saved_tensors_hooks``; inside
+checkpointed regions those hooks are not ours, so with activation checkpointing it is left out).
+The peak is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the bytes live at the
+start of the last step plus the largest rise of the torch profiler's allocation events during
+it (the CPU analogue of CUDA's counter), and the process's peak resident set size (everything the
+process ever touched: Python, libraries, earlier work) is reported next to it.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..accounting import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, peak_memory_bytes, reset_peak_memory
+from ..errors import UsageError
+from ..optim import ProjectedAdamW
+from ..wrap import count_parameters
+from .build import build, load_config, parse_dtype, resolve
+
+__all__ = ["Measurement", "measure", "measure_method"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What ``steps`` real training steps held, in bytes (see the module docstring).
+
+    ``activations`` is ``None`` with activation checkpointing; ``peak`` is ``None`` when the
+    profiler gave no allocation events. CPU only: ``peak_optimizer_step`` and
+    ``peak_forward_backward`` split the peak by where it happened, ``peak_rss`` is the process's.
+    """
+
+    device: str
+    steps: int
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    optimizer_extra: int
+    activations: int | None
+    peak: int | None
+    peak_kind: str
+    peak_optimizer_step: int | None
+    peak_forward_backward: int | None
+    peak_rss: int | None
+    seconds_per_step: float
+    labels: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_state(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.optimizer_extra
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model_state"] = self.model_state
+        return data
+
+
+def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return parameter_bytes(model) + buffer_bytes(model) + grads + optimizer_state_bytes(optimizer) + _extra_bytes(optimizer)
+
+
+def _extra_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return optimizer.state_bytes().subset_cache if isinstance(optimizer, ProjectedAdamW) else 0
+
+
+class _SavedTensors:
+    """Unique storages autograd saves for backward, other than the model's own tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.own:
+                self.seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def _profiler_rises(prof) -> tuple[int, int] | None:
+    """Largest rise of CPU allocations during the profiled step, ``(in optimizer.step, elsewhere)``.
+
+    Reads the raw allocation (+) and free (-) events of the CPU allocator in time order (the
+    aggregated FunctionEvents attribute allocations to ops, which loses the order a peak needs);
+    ``torch.optim.Optimizer.step`` annotates itself as ``Optimizer.step#<class>.step``, which
+    splits the peak between the optimizer step and forward/backward.
+    """
+    try:
+        events = list(prof.profiler.kineto_results.events())
+    except AttributeError:
+        return None
+    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    if not memory:
+        return None
+    steps = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name().startswith("Optimizer.step#")]
+    live = in_step = elsewhere = 0
+    for event in memory:
+        live += event.nbytes()
+        if any(start <= event.start_ns() <= end for start, end in steps):
+            in_step = max(in_step, live)
+        else:
+            elsewhere = max(elsewhere, live)
+    return in_step, elsewhere
+
+
+def measure(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_fn: Callable[[], Any],
+    steps: int,
+    *,
+    device: torch.device | str | None = None,
+    profile: bool = True,
+) -> Measurement:
+    """Run ``step_fn`` (one full training step: zero_grad, forward, backward, optimizer step)
+    ``steps`` times and report what was held.
+
+    Counts are taken after the last step, when gradients and every optimizer state exist. The
+    last step is instrumented (saved-tensor hooks, and on CPU the profiler); with ``steps > 1``
+    the time per step is taken from the others.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be a positive integer, got {steps!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        step_fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    plain_seconds = time.perf_counter() - start
+
+    # transformers 5 renamed the flag (the old name warns); plain modules have neither.
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(model, flag, False))
+    saved = _SavedTensors(model)
+    # Free what earlier steps left in reference cycles now: if the garbage collector ran inside
+    # the profiled step, those frees would show up as negative events and hide part of the peak.
+    gc.collect()
+    baseline = _live_bytes(model, optimizer)
+    use_profiler = profile and not cuda
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        if use_profiler:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                step_fn()
+        else:
+            step_fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    last_seconds = time.perf_counter() - start
+
+    in_step = elsewhere = None
+    if cuda:
+        peak, kind, rss = int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated", None
+    else:
+        rises = _profiler_rises(prof) if use_profiler else None
+        if rises is not None:
+            in_step, elsewhere = baseline + rises[0], baseline + rises[1]
+        peak = None if rises is None else max(in_step, elsewhere)
+        kind, rss = "torch profiler (CPU allocations)", peak_memory_bytes("cpu")
+    counts = count_parameters(model)
+    return Measurement(
+        device=str(device),
+        steps=steps,
+        parameters=counts.total,
+        trainable_parameters=counts.trainable,
+        weights=parameter_bytes(model) + buffer_bytes(model),
+        gradients=gradient_bytes(model),
+        optimizer_state=optimizer_state_bytes(optimizer),
+        optimizer_extra=_extra_bytes(optimizer),
+        activations=None if checkpointing else saved.total,
+        peak=peak,
+        peak_kind=kind,
+        peak_optimizer_step=in_step,
+        peak_forward_backward=elsewhere,
+        peak_rss=rss,
+        seconds_per_step=plain_seconds / (steps - 1) if steps > 1 else last_seconds,
+    )
+
+
+def measure_method(
+    model_config: str | Path | PretrainedConfig,
+    method: str | Path,
+    *,
+    steps: int = 2,
+    rank: int | None = None,
+    weight_dtype: str | torch.dtype = torch.float32,
+    state_dtype: str | torch.dtype | None = None,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    checkpointing: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Measurement:
+    """Build the model and optimizer that :func:`lowrank.memory.estimate` describes (same
+    arguments), train ``steps`` steps on random tokens and :func:`measure` them."""
+    weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
+    state_dtype = parse_dtype(state_dtype, "state_dtype")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    config, _ = load_config(model_config)
+    config.use_cache = False
+    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
+    model, optimizer = build(config, resolved, device=device, weight_dtype=weight_dtype, seed=seed)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+
+    result = measure(model, optimizer, step, steps, device=device)
+    return Measurement(**{**result.__dict__, "labels": {"method": resolved.name, "rank": resolved.rank}})
