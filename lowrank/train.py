@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -64,6 +65,7 @@ class TrainConfig:
     log_every: int = 1
     out: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     seed: int = 0
     json_out: str | None = None
     precision: str = "auto"
@@ -159,11 +161,16 @@ class _Run:
         # Resolve and read --resume before anything is written, so a bad path changes nothing.
         self.resume_from = resolve_checkpoint(cfg.resume, self.run_dir) if cfg.resume else None
         self.trainer_state: dict[str, Any] = read_trainer_state(self.resume_from) if self.resume_from else {}
+        if cfg.resume and cfg.overwrite:
+            raise UsageError("--resume continues a run and --overwrite starts it afresh: give one of them")
         if self.resume_from is None and list_checkpoints(self.run_dir / "checkpoints"):
-            raise UsageError(
-                f"{self.run_dir} already holds checkpoints of an earlier run; continue it with --resume latest, "
-                "or pick another --out"
-            )
+            if not cfg.overwrite:
+                raise UsageError(
+                    f"{self.run_dir} already holds checkpoints of an earlier run; continue it with --resume latest, "
+                    "start afresh with --overwrite, or pick another --out"
+                )
+            if self.dist.main:
+                shutil.rmtree(self.run_dir / "checkpoints")
         overrides = {**cfg.overrides, **method_overrides(cfg.method, rank=cfg.rank, lr=cfg.lr, cycle_length=cfg.cycle_length)}
         self.method = load_method(cfg.method, overrides)
 
@@ -484,6 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, default=defaults.log_every)
     add("--out", default=None, help="run folder (default: runs/<method>-<model>)")
     add("--resume", default=None, help="'latest' (in --out) or a run / checkpoint folder")
+    add("--overwrite", action="store_true", help="start afresh in --out, deleting the checkpoints of an earlier run there")
     add("--seed", type=int, default=defaults.seed)
     add("--json-out", default=None, help="also write the final summary as JSON here")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -513,7 +521,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         rank=args.rank, lr=args.lr, cycle_length=args.cycle_length, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, max_steps=args.max_steps, max_tokens=args.max_tokens, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every, out=args.out, resume=args.resume, seed=args.seed, json_out=args.json_out,
+        log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed, json_out=args.json_out,
         precision=args.precision, device=args.device, compile=args.compile, progress=not args.no_progress,
         plot=not args.no_plot, overrides=_parse_set(args.set),
     )

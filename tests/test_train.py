@@ -217,4 +217,5 @@ def test_corrupt_checkpoint_is_reported_and_left_untouched(corpus, tmp_path, cap
 def test_fresh_run_refuses_to_overwrite_checkpoints(corpus, tmp_path, capsys):
     assert run_cli(base_args(corpus, tmp_path), capsys)[0] == 0
     code, err = run_cli(base_args(corpus, tmp_path), capsys)
-    assert code == 2 and "--resume latest" in err
+    assert code == 2 and "--resume latest" in err and "--overwrite" in err
+    assert run_cli(base_args(corpus, tmp_path) + ["--overwrite"], capsys)[0] == 0
