@@ -307,6 +307,10 @@ class _Run:
         logger = _MetricsLogger(self.run_dir, resume_step=self.step) if is_main else None
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # The run folder is self-contained: `lowrank export` finds the tokenizer here even when
+            # it came from the hub or another path.
+            if not (self.run_dir / "tokenizer" / "tokenizer_config.json").is_file():
+                self.data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             (self.run_dir / "config.json").write_text(json.dumps(
                 {"config": asdict(cfg), "method": self.method.to_dict(), "data": self.data.description}, indent=2, default=str) + "\n")
         counts = count_parameters(self.model)

@@ -140,10 +140,14 @@ def test_plot_and_json_summary(corpus, tmp_path):
 
 
 def test_grad_accumulation_matches_larger_batch(corpus, tmp_path):
-    """batch 4 × accum 2 sees the same tokens per step as batch 8 and gives the same first loss."""
-    a = pretrain(config(corpus, tmp_path / "a", method="full_rank", max_steps=2, batch_size=2, grad_accum=2, rank=None))
-    b = pretrain(config(corpus, tmp_path / "b", method="full_rank", max_steps=2, batch_size=4, grad_accum=1, rank=None))
-    assert a["tokens"] == b["tokens"]
+    """batch 2 × accumulation 2 takes the same chunks and the same step as batch 4 × 1."""
+    a = pretrain(config(corpus, tmp_path / "a", method="full_rank", max_steps=3, batch_size=2, grad_accum=2, rank=None))
+    b = pretrain(config(corpus, tmp_path / "b", method="full_rank", max_steps=3, batch_size=4, grad_accum=1, rank=None))
+    assert a["tokens"] == b["tokens"] == 3 * 4 * 32
+    loss_a, loss_b = losses(a["run_dir"]), losses(b["run_dir"])
+    assert loss_a[0] == pytest.approx(loss_b[0], abs=1e-6)
+    assert loss_a == pytest.approx(loss_b, abs=1e-4)  # same updates, up to summation order
+    assert (Path(a["run_dir"]) / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_ddp_two_processes_stay_identical(corpus, tmp_path):
