@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_result  # noqa: E402
-from llama60m import LLAMA_60M, fill_grads, llama_60m, split_targets  # noqa: E402
+from llama60m import LLAMA_60M, fill_grads, llama_60m  # noqa: E402
+from peers import build_peer, split_targets  # noqa: E402
 
 from lowrank.optim import ProjectedAdamW  # noqa: E402
 from lowrank.seeding import subset_size  # noqa: E402
@@ -92,60 +93,13 @@ def expected_ours(model, targets, rank: int, mode: dict[str, Any]) -> int:
 
 
 def peer_factories(rank: int) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
-    factories: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
-        "torch_adamw": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
-    }
-
-    def groups(model, **projected):
-        targets, regular = split_targets(model)
-        return [{"params": regular}, {"params": targets, **projected}]
-
-    try:
-        from galore_torch import GaLoreAdamW
-
-        factories["galore_torch"] = lambda model: GaLoreAdamW(
-            groups(model, rank=rank, update_proj_gap=200, scale=0.25, proj_type="std"), lr=1e-3
-        )
-    except ImportError:
-        pass
-    try:
-        from fira import FiraAdamW
-
-        factories["fira"] = lambda model: FiraAdamW(
-            groups(model, rank=rank, update_proj_gap=200, alpha=0.25, proj_type="std"), lr=1e-3
-        )
-    except ImportError:
-        pass
-    try:
-        from apollo_torch import APOLLOAdamW
-
-        factories["apollo_torch"] = lambda model: APOLLOAdamW(
-            groups(model, rank=rank, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0,
-                   proj_type="std"),
-            lr=1e-3,
-        )
-        factories["apollo_torch_mini"] = lambda model: APOLLOAdamW(
-            groups(model, rank=1, proj="random", scale_type="tensor", update_proj_gap=200, scale=128.0,
-                   proj_type="std"),
-            lr=1e-3,
-        )
-    except ImportError:
-        pass
-    try:
-        import bitsandbytes as bnb
-
-        factories["bnb_adamw8bit"] = lambda model: bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    except ImportError:
-        pass
-    try:
-        from adam_mini import Adam_mini
-
-        factories["adam_mini"] = lambda model: Adam_mini(
-            model.named_parameters(), lr=1e-3, dim=LLAMA_60M["hidden_size"],
-            n_heads=LLAMA_60M["num_attention_heads"], verbose=False,
-        )
-    except ImportError:
-        pass
+    """Every peer (benchmarks/peers.py) whose package is installed, with the papers' 60M settings."""
+    names = {"adamw": "torch_adamw", "galore-torch": "galore_torch", "fira": "fira", "apollo-torch": "apollo_torch",
+             "apollo-torch-mini": "apollo_torch_mini", "adamw8bit": "bnb_adamw8bit", "adam-mini": "adam_mini"}
+    factories = {}
+    for peer, label in names.items():
+        scale = 1.0 if peer.startswith("apollo") else 0.25
+        factories[label] = lambda model, peer=peer, scale=scale: build_peer(peer, model, lr=1e-3, rank=rank, scale=scale)
     return factories
 
 

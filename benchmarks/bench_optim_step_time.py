@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_result  # noqa: E402
-from llama60m import LLAMA_60M, fill_grads, llama_60m, split_targets  # noqa: E402
+from llama60m import LLAMA_60M, fill_grads, llama_60m  # noqa: E402
+from peers import split_targets  # noqa: E402
 
 from lowrank.optim import ProjectedAdamW  # noqa: E402
 

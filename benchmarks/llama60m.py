@@ -1,4 +1,4 @@
-"""The LLaMA-60M model used by the optimizer benchmarks, and GaLore's split of its parameters."""
+"""The LLaMA-60M model used by the optimizer benchmarks."""
 
 from __future__ import annotations
 
@@ -15,26 +15,11 @@ LLAMA_60M = dict(
     tie_word_embeddings=False,
 )
 
-# GaLore's scripts project the weights of linear modules whose name contains one of these.
-TARGET_KEYS = ("attn", "mlp")
-
-
 def llama_60m(seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**LLAMA_60M))
-
-
-def split_targets(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """(projected attention/MLP linear weights, everything else), as the GaLore scripts split them."""
-    targets = [
-        m.weight
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(key in name for key in TARGET_KEYS)
-    ]
-    ids = {id(p) for p in targets}
-    return targets, [p for p in model.parameters() if id(p) not in ids]
 
 
 def fill_grads(model: torch.nn.Module, seed: int = 1) -> None:

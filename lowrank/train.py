@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from . import accounting
 from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, resolve_checkpoint, save_checkpoint
 from .data import build_data
 from .errors import UsageError
-from .methods import apply_method, available_methods, build_controller, build_optimizer, load_method, method_overrides
+from .methods import Method, apply_method, available_methods, build_controller, build_optimizer, load_method, method_overrides
 from .models import build_model, load_model_config
 from .wrap import _unwrap_parallel, count_parameters, is_wrapped
 
@@ -73,7 +73,11 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
     plot: bool = True
+    cache_dir: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Python API only: build the optimizer yourself (e.g. a peer library's) from the model and the
+    # parsed preset; the preset's schedule, restarts and everything else still apply.
+    optimizer_factory: Callable[[nn.Module, Method], torch.optim.Optimizer] | None = field(default=None, repr=False)
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.method).stem}-{Path(self.model).stem}"
@@ -184,7 +188,7 @@ class _Run:
             seed=cfg.seed,
             tokenizer=cfg.tokenizer,
             vocab_size=cfg.vocab_size or model_config.vocab_size,
-            cache_dir=self.run_dir,
+            cache_dir=cfg.cache_dir or self.run_dir,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             max_valid_tokens=cfg.eval_tokens,
@@ -211,7 +215,10 @@ class _Run:
     # ------------------------------------------------------------------ building blocks
 
     def _build_optimizer(self, num_steps: int = 0) -> None:
-        self.optimizer = build_optimizer(self.model, self.method, seed=self.cfg.seed)
+        if self.cfg.optimizer_factory is not None:
+            self.optimizer = self.cfg.optimizer_factory(self.model, self.method)
+        else:
+            self.optimizer = build_optimizer(self.model, self.method, seed=self.cfg.seed)
         self.controller = build_controller(self.model, self.optimizer, self.method, total_steps=self.total_steps,
                                            layer_events=not self.dense_phase)
         if num_steps:
@@ -498,6 +505,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--overwrite", action="store_true", help="start afresh in --out, deleting the checkpoints of an earlier run there")
     add("--seed", type=int, default=defaults.seed)
     add("--json-out", default=None, help="also write the final summary as JSON here")
+    add("--cache-dir", default=None, help="where the trained tokenizer and token caches live (default: the run folder); share it between runs on one corpus")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--compile", action="store_true", help="torch.compile the model")
@@ -526,7 +534,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         seq_len=args.seq_len, max_steps=args.max_steps, max_tokens=args.max_tokens, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed, json_out=args.json_out,
-        precision=args.precision, device=args.device, compile=args.compile, progress=not args.no_progress,
+        precision=args.precision, device=args.device, cache_dir=args.cache_dir, compile=args.compile, progress=not args.no_progress,
         plot=not args.no_plot, overrides=_parse_set(args.set),
     )
     if cfg.max_steps is None and cfg.max_tokens is None:
