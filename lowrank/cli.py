@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Estimate the training memory of methods on a model, optionally measured against real steps.")
     memory_cli.add_arguments(memory)
     memory.set_defaults(handler=memory_cli.run_from_args)
+    from .integrations import export as export_cli
+
+    export = commands.add_parser("export", help="write a run's model as a plain dense Hugging Face model",
+                                 description="Write a run's trained model as a dense Hugging Face model folder (safetensors, "
+                                             "config, tokenizer) that transformers loads without lowrank.")
+    export_cli.add_arguments(export)
+    export.set_defaults(handler=export_cli.run_from_args)
     return parser
 
 

@@ -1,17 +1,11 @@
 """`lowrank pretrain` end to end on the tiny model: every preset learns, a crashed run resumes
 bit-identically, DDP ranks stay identical, and bad input gives one-line errors with exit code 2."""
 
-import builtins
-import collections
-import functools
-import itertools
 import json
 import os
 import re
-import string
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,27 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank import cli
-from lowrank.data import build_data
 from lowrank.methods import available_methods
 from lowrank.train import TrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small deterministic text corpus (Python docstrings) and a BPE tokenizer trained on it."""
-    folder = tmp_path_factory.mktemp("corpus")
-    docs = []
-    for module in (builtins, collections, functools, itertools, json, re, string, textwrap):
-        for name in sorted(dir(module)):
-            doc = getattr(getattr(module, name), "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 40:
-                docs.append(doc.strip().replace("\n\n", "\n"))
-    (folder / "train.txt").write_text("\n\n".join(docs * 2) + "\n")
-    (folder / "valid.txt").write_text("\n\n".join(docs[::7]) + "\n")
-    bundle = build_data(str(folder), seq_len=32, batch_size=2, vocab_size=512, cache_dir=folder / "cache")
-    return {"data": str(folder), "tokenizer": str(folder / "cache" / "tokenizer"), "vocab": len(bundle.tokenizer)}
 
 
 def config(corpus, tmp_path, **kwargs):

@@ -1,0 +1,199 @@
+"""``lowrank export RUN_DIR --out DIR``: a trained run → a plain dense Hugging Face model.
+
+``DIR`` holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the
+tokenizer, and nothing of ``lowrank``: ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it in
+a Python where ``lowrank`` is not installed, and its logits are those of the trained low-rank
+model, because every ``LowRankLinear`` becomes the ``nn.Linear`` holding ``W0 + s·BA + S``
+(:func:`lowrank.merge_to_dense`).
+
+Steps: find the checkpoint (a run folder's latest, or the ``step_N`` folder given) → rebuild the
+model from its ``meta.json`` (the Hugging Face config, then the method's wrapping when the
+checkpoint was wrapped) → load ``model.safetensors``, every key accounted for → merge to dense →
+check the tokenizer against the embedding → write into a temporary folder, renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import resolve_checkpoint
+from ..errors import UsageError
+
+__all__ = ["export_model", "load_run_model", "find_checkpoint", "add_arguments", "run_from_args"]
+
+_NEEDED = ("model.safetensors", "meta.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for ``path``: a checkpoint (``step_N``) folder itself, or a run
+    folder (or its ``checkpoints`` folder), whose latest checkpoint is used."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such folder; pass a run folder (lowrank pretrain --out) or one of its checkpoints/step_N folders")
+    if (path / "trainer_state.json").is_file() and not (path / "meta.json").is_file():
+        raise UsageError(
+            f"{path} is a transformers Trainer checkpoint, not a `lowrank pretrain` one; in Python, load the wrapped "
+            "model and save lowrank.merge_to_dense(model) with save_pretrained"
+        )
+    if any((path / name).is_file() for name in _NEEDED):
+        checkpoint = path
+    else:
+        try:
+            checkpoint = resolve_checkpoint(str(path), path)
+        except UsageError:
+            raise UsageError(
+                f"{path} holds no checkpoint (expected checkpoints/step_N/ with {' and '.join(_NEEDED)}); "
+                "pass the --out folder of a `lowrank pretrain` run that saved at least one checkpoint"
+            ) from None
+    missing = [name for name in _NEEDED if not (checkpoint / name).is_file()]
+    if missing:
+        raise UsageError(f"checkpoint {checkpoint} is incomplete (missing {', '.join(missing)}); export an earlier checkpoint")
+    return checkpoint
+
+
+def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model of a run (its latest checkpoint) or of a checkpoint folder, as it was
+    trained (wrapped when it was), in eval mode; and the checkpoint's ``meta.json``."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig
+
+    from ..methods import Method, apply_method
+    from ..models import build_model
+
+    checkpoint = find_checkpoint(path)
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        config_dict = dict(meta["model_config"])
+        model_type = config_dict.pop("model_type")
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"checkpoint {checkpoint}: meta.json is not a lowrank checkpoint's ({type(error).__name__}: {error})") from None
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = build_model(config)
+    if meta.get("wrapped"):
+        # The method as the run resolved it (overrides applied), so the layers get the very
+        # shapes (rank, base, sparse support) that were trained.
+        method = Method(**meta["method"])
+        apply_method(model, method, seed=int((meta.get("config") or {}).get("seed", 0)))
+    try:
+        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
+    except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
+        raise UsageError(f"checkpoint {checkpoint}: model.safetensors cannot be read ({type(error).__name__}: {error})") from None
+    if missing or unexpected:
+        raise UsageError(
+            f"checkpoint {checkpoint}: the weights do not fit the model described by meta.json "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model.eval(), meta
+
+
+def _run_tokenizer(checkpoint: Path, meta: dict[str, Any]) -> str:
+    """The tokenizer the run trained with: ``<run>/tokenizer`` (saved by ``lowrank pretrain``),
+    else the ``--tokenizer`` the run was given."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    if (run_dir / "tokenizer").is_dir():
+        return str(run_dir / "tokenizer")
+    given = (meta.get("config") or {}).get("tokenizer")
+    if given:
+        return given
+    raise UsageError(f"no tokenizer in {run_dir / 'tokenizer'}; pass the one the run was trained with: --tokenizer PATH")
+
+
+def export_model(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Write the run's model as a dense Hugging Face model folder ``out`` (see the module docstring).
+
+    Args:
+        run_dir: a run folder (its latest checkpoint is exported) or a ``checkpoints/step_N`` folder.
+        out: the folder to write; it must not exist or be empty, unless ``overwrite``.
+        tokenizer: a tokenizer folder / ``tokenizer.json`` / hub name; default: the run's.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; default: the trained weights' dtype.
+
+    Returns:
+        ``{"out", "checkpoint", "step", "parameters", "dtype", "tokenizer"}``.
+
+    Raises:
+        UsageError: no checkpoint, an incomplete or damaged one, ``out`` not empty, or a tokenizer
+            whose vocabulary does not match the model's embedding.
+    """
+    from ..data import load_tokenizer
+    from ..wrap import is_wrapped, merge_to_dense
+
+    checkpoint = find_checkpoint(run_dir)
+    out = Path(out)
+    resolved = out.resolve()
+    if resolved == checkpoint.resolve() or resolved in checkpoint.resolve().parents:
+        raise UsageError(f"--out {out} would replace the run being exported; pick a new folder")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not empty; pick a new folder, or pass --overwrite to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+    model, meta = load_run_model(checkpoint)
+    tokenizer = tokenizer or _run_tokenizer(checkpoint, meta)
+    tok = load_tokenizer(tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) != rows:
+        raise UsageError(
+            f"tokenizer {tokenizer} has {len(tok)} tokens but the model's embedding has {rows} rows: it is not the "
+            "tokenizer this model was trained with; pass that one with --tokenizer"
+        )
+    dense = merge_to_dense(model, inplace=True) if is_wrapped(model) else model
+    if dtype is not None:
+        dense.to(DTYPES[dtype])
+    # The config came from meta.json, i.e. from transformers itself; make sure that nothing of
+    # ours ever reaches config.json, which a Python without lowrank will read.
+    for key in [k for k in dense.config.to_dict() if "lowrank" in k.lower()]:
+        delattr(dense.config, key)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dense.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.rename(tmp, out)
+    return {
+        "out": str(out),
+        "checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "parameters": sum(p.numel() for p in dense.parameters()),
+        "dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
+        "tokenizer": tokenizer,
+    }
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("run_dir", help="a `lowrank pretrain` run folder (its latest checkpoint) or a checkpoints/step_N folder")
+    add("--out", required=True, help="folder to write the dense Hugging Face model to")
+    add("--tokenizer", default=None, help="tokenizer to save with the model (default: the run's tokenizer/ folder)")
+    add("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: as trained)")
+    add("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    summary = export_model(args.run_dir, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite, dtype=args.dtype)
+    print(
+        f"exported step {summary['step']} of {summary['checkpoint']} to {summary['out']}: "
+        f"{summary['parameters']:,} parameters ({summary['dtype']}), tokenizer {summary['tokenizer']}"
+    )
+    return summary
