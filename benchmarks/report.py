@@ -57,6 +57,48 @@ def table(combined: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_lines(combined: dict) -> list[str]:
+    """One line per swept contender: every learning rate tried and its perplexity."""
+    lines = []
+    for name, tries in combined.get("sweeps", {}).items():
+        parts = ", ".join(f"{t['lr']:g} → {t['val_ppl']:.2f}" if t.get("val_ppl") is not None else f"{t['lr']:g} → failed"
+                          for t in tries)
+        lines.append(f"Learning-rate sweep for `{name}` (no published value; the best is in the table): {parts}.")
+    return lines
+
+
+def targets(combined: dict) -> list[str]:
+    """The suite's targets checked against its own numbers (issue #6), one bullet each.
+
+    "Our best memory-efficient method" is our contender with the lowest perplexity among those
+    whose parameters + gradients + optimizer state are below full-rank AdamW's.
+    """
+    results = {name: r for name, r in combined["results"].items() if not r.get("failed")}
+    base = results.get(BASELINE)
+    ours = [r for r in results.values() if r["kind"] == "ours" and (base is None or r["model_state_bytes"] < base["model_state_bytes"])]
+    if not ours:
+        return []
+    best = min(ours, key=lambda r: r["val_ppl"])
+    mark = {True: "met", False: "**not met**"}
+    lines = [f"Our best memory-efficient contender here is `{best['contender']}` "
+             f"(val ppl {best['val_ppl']:.2f}, {_mib(best['model_state_bytes'])} MiB parameters + gradients + state)."]
+    for peer in ("galore-torch", "fira"):
+        if peer in results:
+            r = results[peer]
+            lines.append(f"- vs `{peer}`: perplexity {best['val_ppl']:.2f} vs {r['val_ppl']:.2f} "
+                         f"({mark[best['val_ppl'] <= r['val_ppl']]}), model-state memory {_mib(best['model_state_bytes'])} vs "
+                         f"{_mib(r['model_state_bytes'])} MiB ({mark[best['model_state_bytes'] < r['model_state_bytes']]}).")
+    if base is not None:
+        ratio = best["val_ppl"] / base["val_ppl"]
+        lines.append(f"- within 10 % of full-rank AdamW's perplexity: {ratio:.3f}× ({mark[ratio <= 1.10]}).")
+        for name in ("low_rank", "low_rank_restarts"):
+            if name in results:
+                speed = results[name]["tokens_per_s"] / base["tokens_per_s"]
+                lines.append(f"- `{name}` tokens/s vs AdamW: {speed:.2f}× ({mark[speed > 1.0]}; the target is set for "
+                             f"the 60M shape and above, this suite's model is {combined['settings']['model']}).")
+    return lines
+
+
 def settings_line(combined: dict) -> str:
     s, machine = combined["settings"], combined["machine"]
     device = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} threads)"
@@ -112,6 +154,22 @@ def plot(combined: dict, docs: Path) -> list[Path]:
     return paths
 
 
+def render_block(combined: dict, plots: list[Path]) -> str:
+    """The README block of a suite: settings, table, sweeps, targets and the two plots."""
+    return "\n".join([
+        settings_line(combined),
+        "",
+        table(combined),
+        "",
+        *sweep_lines(combined),
+        "",
+        *targets(combined),
+        "",
+        f"![validation perplexity against tokens]({plots[0]})",
+        f"![memory against perplexity]({plots[1]})",
+    ])
+
+
 def update_readme(readme: Path, suite: str, block: str) -> bool:
     """Replace the marked block for ``suite``; returns False when the README has no markers."""
     text = readme.read_text()
@@ -131,15 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     combined = json.loads((Path(args.results) / f"{args.suite}.json").read_text())
     paths = plot(combined, Path(args.docs))
-    relative = [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in paths]
-    block = "\n".join([
-        settings_line(combined),
-        "",
-        table(combined),
-        "",
-        f"![validation perplexity against tokens]({relative[0]})",
-        f"![memory against perplexity]({relative[1]})",
-    ])
+    block = render_block(combined, [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in paths])
     print(block)
     if update_readme(Path(args.readme), args.suite, block):
         print(f"\nupdated the {args.suite} block of {args.readme}")

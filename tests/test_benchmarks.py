@@ -29,6 +29,30 @@ def test_scaled_overrides_put_every_event_on_the_suite_clock():
     assert compare.scaled_overrides(compare.CONTENDERS["adamw"], suite) == {}
 
 
+
+def _record(name, kind, ppl, state, tps=1000.0):
+    return {"contender": name, "kind": kind, "val_ppl": ppl, "model_state_bytes": state * 2**20, "tokens_per_s": tps}
+
+
+def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
+    results = {
+        "adamw": _record("adamw", "peer", 100.0, 400),
+        "galore-torch": _record("galore-torch", "peer", 104.0, 300),
+        "fira": _record("fira", "peer", 102.0, 300),
+        # Lowest perplexity of ours, but not memory-efficient: must not be picked.
+        "spam": _record("spam", "ours", 90.0, 400),
+        "low_rank": _record("low_rank", "ours", 103.0, 250, tps=900.0),
+        "sltrain": _record("sltrain", "ours", 120.0, 200),
+    }
+    lines = report.targets({"results": results, "settings": {"model": "llama_60m"}})
+    assert lines[0].startswith("Our best memory-efficient contender here is `low_rank` (val ppl 103.00")
+    galore, fira, adamw, speed = lines[1:]
+    assert "103.00 vs 104.00 (met)" in galore and "250.0 vs 300.0 MiB (met)" in galore
+    assert "103.00 vs 102.00 (**not met**)" in fira
+    assert "1.030× (met)" in adamw
+    assert "0.90× (**not met**" in speed
+    assert report.targets({"results": {"adamw": results["adamw"]}, "settings": {"model": "x"}}) == []
+
 def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     names = "adamw,galore-torch,adamw8bit,low_rank_restarts,lowrank_sparse"
     result = subprocess.run(
@@ -60,5 +84,6 @@ def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n<!-- bench:smoke -->\n") and text.endswith("<!-- /bench:smoke -->\nafter\n")
     assert "| `adamw` | peer | 0.001 |" in text and "(1.00×)" in text and "old" not in text
+    assert "Learning-rate sweep for `lowrank_sparse`" in text and "Our best memory-efficient contender" in text
     for png in ("smoke_val_ppl.png", "smoke_memory_vs_ppl.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"

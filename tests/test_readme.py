@@ -1,5 +1,7 @@
-"""The README's usage example runs as written, and CI runs the README's test command."""
+"""The README's usage example runs as written, CI runs the README's test command, and the
+benchmark tables are the ones `benchmarks/report.py` renders from `benchmarks/results/`."""
 
+import json
 import re
 import subprocess
 import sys
@@ -26,3 +28,16 @@ def test_ci_runs_the_readme_test_command():
     ).stdout.strip()
     assert command.endswith("-m pytest -q"), command
     assert "awk '/<!-- test-command -->/" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_benchmark_tables_are_rendered_from_the_result_files():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    suites = re.findall(r"<!-- bench:([\w-]+) -->\n(.*?)\n<!-- /bench:\1 -->", README, flags=re.S)
+    assert suites, "README has no benchmark block"
+    for suite, block in suites:
+        combined = json.loads((ROOT / "benchmarks" / "results" / f"{suite}.json").read_text())
+        plots = [Path("docs") / f"{suite}_val_ppl.png", Path("docs") / f"{suite}_memory_vs_ppl.png"]
+        assert block == report.render_block(combined, plots), f"README block {suite} is stale: run benchmarks/report.py"
+        assert all((ROOT / path).exists() for path in plots)
