@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_result  # noqa: E402
 from llama60m import LLAMA_60M, fill_grads, llama_60m  # noqa: E402
-from peers import build_peer, split_targets  # noqa: E402
+from peers import build_peer, projected_groups, split_targets  # noqa: E402
 
 from lowrank.optim import ProjectedAdamW  # noqa: E402
 from lowrank.seeding import subset_size  # noqa: E402
@@ -123,8 +123,7 @@ def build_ours(model, mode: dict[str, Any]) -> ProjectedAdamW:
     options = {k: v for k, v in mode.items() if k != "all_matrices"}
     if mode.get("all_matrices"):
         return ProjectedAdamW(model.parameters(), lr=1e-3, **options)
-    targets, regular = split_targets(model)
-    return ProjectedAdamW([{"params": regular}, {"params": targets, **options}], lr=1e-3)
+    return ProjectedAdamW(projected_groups(model, **options), lr=1e-3)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import sys
@@ -30,59 +31,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import write_result  # noqa: E402
 from llama60m import LLAMA_60M, fill_grads, llama_60m  # noqa: E402
-from peers import split_targets  # noqa: E402
+from peers import build_peer, projected_groups  # noqa: E402
 
 from lowrank.optim import ProjectedAdamW  # noqa: E402
 
 
 def factories(rank: int) -> dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]:
-    def groups(model, **options):
-        targets, regular = split_targets(model)
-        return [{"params": regular}, {"params": targets, **options}]
-
     out: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
         "torch_adamw_foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True),
         "torch_adamw_forloop": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=False),
     }
-    try:
-        from galore_torch import GaLoreAdamW
-
-        out["galore_torch"] = lambda m: GaLoreAdamW(
-            groups(m, rank=rank, update_proj_gap=200, scale=0.25, proj_type="std"), lr=1e-3
-        )
-    except ImportError:
-        pass
-    try:
-        from fira import FiraAdamW
-
-        out["fira"] = lambda m: FiraAdamW(
-            groups(m, rank=rank, update_proj_gap=200, alpha=0.25, proj_type="std"), lr=1e-3
-        )
-    except ImportError:
-        pass
-    try:
-        from apollo_torch import APOLLOAdamW
-
-        out["apollo_torch"] = lambda m: APOLLOAdamW(
-            groups(m, rank=rank, proj="random", scale_type="channel", update_proj_gap=200, scale=1.0,
-                   proj_type="std"),
-            lr=1e-3,
-        )
-    except ImportError:
-        pass
+    # Peers through benchmarks/peers.py, as in every other benchmark (APOLLO at its scale 1).
+    for label, peer, package, scale in (("galore_torch", "galore-torch", "galore_torch", 0.25), ("fira", "fira", "fira", 0.25),
+                                        ("apollo_torch", "apollo-torch", "apollo_torch", 1.0)):
+        if importlib.util.find_spec(package) is not None:
+            out[label] = lambda m, peer=peer, scale=scale: build_peer(peer, m, lr=1e-3, rank=rank, update_proj_gap=200, scale=scale)
     out.update(
         {
             "ours_plain": lambda m: ProjectedAdamW(m.parameters(), lr=1e-3),
             "ours_plain_foreach": lambda m: ProjectedAdamW(m.parameters(), lr=1e-3, foreach=True),
-            "ours_svd": lambda m: ProjectedAdamW(groups(m, projection="svd", rank=rank, scale=0.25), lr=1e-3),
+            "ours_svd": lambda m: ProjectedAdamW(projected_groups(m, projection="svd", rank=rank, scale=0.25), lr=1e-3),
             "ours_randomized": lambda m: ProjectedAdamW(
-                groups(m, projection="randomized", rank=rank, scale=0.25), lr=1e-3
+                projected_groups(m, projection="randomized", rank=rank, scale=0.25), lr=1e-3
             ),
-            "ours_random_apollo": lambda m: ProjectedAdamW(groups(m, projection="random", rank=rank), lr=1e-3),
+            "ours_random_apollo": lambda m: ProjectedAdamW(projected_groups(m, projection="random", rank=rank), lr=1e-3),
             "ours_svd_fira": lambda m: ProjectedAdamW(
-                groups(m, projection="svd", rank=rank, scale=0.25, residual="fira"), lr=1e-3
+                projected_groups(m, projection="svd", rank=rank, scale=0.25, residual="fira"), lr=1e-3
             ),
-            "ours_sparse_0.25": lambda m: ProjectedAdamW(groups(m, density=0.25), lr=1e-3),
+            "ours_sparse_0.25": lambda m: ProjectedAdamW(projected_groups(m, density=0.25), lr=1e-3),
             "ours_spike_clip": lambda m: ProjectedAdamW(m.parameters(), lr=1e-3, spike_threshold=5000.0),
         }
     )

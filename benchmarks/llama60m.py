@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import torch
 
-# The 60M LLaMA of the GaLore/Fira/APOLLO papers (configs/llama_60m.json in their repositories).
-LLAMA_60M = dict(
-    hidden_size=512,
-    intermediate_size=1376,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=1024,
-    tie_word_embeddings=False,
-)
+from lowrank.models import build_model, load_model_config
+
+# The 60M LLaMA of the GaLore/Fira/APOLLO papers: the bundled configs/models/llama_60m.json.
+_CONFIG = load_model_config("llama_60m")
+# The shape, as recorded in the result files.
+LLAMA_60M = {key: getattr(_CONFIG, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                                    "vocab_size", "max_position_embeddings", "tie_word_embeddings")}
+
 
 def llama_60m(seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_60M))
+    return build_model(_CONFIG, seed=seed)
 
 
 def fill_grads(model: torch.nn.Module, seed: int = 1) -> None:

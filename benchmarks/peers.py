@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["PEERS", "build_peer", "split_targets"]
+__all__ = ["PEERS", "build_peer", "projected_groups", "split_targets"]
 
 # GaLore's scripts project the weights of linear modules whose name contains one of these.
 TARGET_KEYS = ("attn", "mlp")
@@ -30,7 +30,7 @@ def split_targets(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
     return targets, [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
 
 
-def _groups(model: nn.Module, **projected: Any) -> list[dict]:
+def projected_groups(model: nn.Module, **projected: Any) -> list[dict]:
     targets, regular = split_targets(model)
     return [{"params": regular}, {"params": targets, **projected}]
 
@@ -38,21 +38,21 @@ def _groups(model: nn.Module, **projected: Any) -> list[dict]:
 def _galore(model, lr, betas, weight_decay, rank, update_proj_gap, scale):
     from galore_torch import GaLoreAdamW
 
-    groups = _groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type="std")
+    groups = projected_groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type="std")
     return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def _fira(model, lr, betas, weight_decay, rank, update_proj_gap, scale):
     from fira import FiraAdamW
 
-    groups = _groups(model, rank=rank, update_proj_gap=update_proj_gap, alpha=scale, proj_type="std")
+    groups = projected_groups(model, rank=rank, update_proj_gap=update_proj_gap, alpha=scale, proj_type="std")
     return FiraAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def _apollo(model, lr, betas, weight_decay, rank, update_proj_gap, scale):
     from apollo_torch import APOLLOAdamW
 
-    groups = _groups(model, rank=rank, proj="random", scale_type="channel", update_proj_gap=update_proj_gap,
+    groups = projected_groups(model, rank=rank, proj="random", scale_type="channel", update_proj_gap=update_proj_gap,
                      scale=scale, proj_type="std")
     return APOLLOAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
@@ -61,7 +61,7 @@ def _apollo_mini(model, lr, betas, weight_decay, rank, update_proj_gap, scale):
     from apollo_torch import APOLLOAdamW
 
     # APOLLO-Mini: rank 1, one scaling factor per tensor, scale 128 (the paper's setting).
-    groups = _groups(model, rank=1, proj="random", scale_type="tensor", update_proj_gap=update_proj_gap,
+    groups = projected_groups(model, rank=1, proj="random", scale_type="tensor", update_proj_gap=update_proj_gap,
                      scale=128.0, proj_type="std")
     return APOLLOAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 

@@ -33,9 +33,14 @@ def _ratio(value: float, base: float | None) -> str:
     return f" ({value / base:.2f}×)" if base else ""
 
 
+def completed(combined: dict) -> dict[str, dict]:
+    """The suite's runs that finished, by contender name (failed runs carry only their exit code)."""
+    return {name: r for name, r in combined["results"].items() if not r.get("failed")}
+
+
 def table(combined: dict) -> str:
     """Markdown table of a suite, best first by validation perplexity."""
-    results = {name: r for name, r in combined["results"].items() if not r.get("failed")}
+    results = completed(combined)
     base = results.get(BASELINE)
     rows = sorted(results.values(), key=lambda r: r["val_ppl"])
     lines = [
@@ -73,7 +78,7 @@ def targets(combined: dict) -> list[str]:
     "Our best memory-efficient method" is our contender with the lowest perplexity among those
     whose parameters + gradients + optimizer state are below full-rank AdamW's.
     """
-    results = {name: r for name, r in combined["results"].items() if not r.get("failed")}
+    results = completed(combined)
     base = results.get(BASELINE)
     ours = [r for r in results.values() if r["kind"] == "ours" and (base is None or r["model_state_bytes"] < base["model_state_bytes"])]
     if not ours:
@@ -116,7 +121,7 @@ def plot(combined: dict, docs: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     suite = combined["suite"]
-    results = {name: r for name, r in combined["results"].items() if not r.get("failed")}
+    results = completed(combined)
     docs.mkdir(parents=True, exist_ok=True)
     colors = plt.get_cmap("tab20").colors
     paths = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,24 +45,16 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
     return 0
 
 
-def _unique(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def parameter_bytes(model: nn.Module, *, trainable_only: bool = False) -> int:
-    return sum(p.numel() * p.element_size() for p in _unique(model.parameters()) if p.requires_grad or not trainable_only)
+    # model.parameters() yields a tied or shared parameter once.
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def gradient_bytes(model: nn.Module) -> int:
     """Bytes of the gradients training keeps: one per trainable parameter, in its dtype
     (what exists after ``backward``; counts the allocated ``.grad`` tensors when present)."""
     total = 0
-    for p in _unique(model.parameters()):
+    for p in model.parameters():
         if p.grad is not None:
             total += p.grad.numel() * p.grad.element_size()
         elif p.requires_grad:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 __all__ = [
     "save_checkpoint",
@@ -78,7 +78,7 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_latest(root, final.name)
+    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
@@ -91,10 +91,12 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".latest-{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "latest")
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file and a rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def resolve_checkpoint(resume: str, run_dir: str | os.PathLike) -> Path:
@@ -124,8 +126,7 @@ def resolve_checkpoint(resume: str, run_dir: str | os.PathLike) -> Path:
 
 
 def _corrupt(path: Path, error: Exception) -> UsageError:
-    detail = str(error).splitlines()[0] if str(error) else ""
-    return UsageError(f"checkpoint {path} is corrupt ({type(error).__name__}: {detail}); resume from an earlier one with --resume PATH")
+    return UsageError(f"checkpoint {path} is corrupt ({first_line(error)}); resume from an earlier one with --resume PATH")
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -67,7 +67,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .checkpoint import atomic_write_bytes
+from .errors import UsageError, first_line
 
 __all__ = [
     "BPE_SAMPLE_CHARS",
@@ -151,22 +152,10 @@ def _token_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.int32)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_save_array(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _hub_offline() -> bool:
@@ -301,7 +290,7 @@ def builtin_documents(cache_dir: str | os.PathLike | None = None) -> list[tuple[
                 return [tuple(pair) for pair in json.loads(cache_file.read_text(encoding="utf-8"))]
     documents = _harvest(root, files)
     if cache_file is not None:
-        _atomic_write_bytes(cache_file, json.dumps(documents, ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(cache_file, json.dumps(documents, ensure_ascii=False).encode("utf-8"))
     return documents
 
 
@@ -345,6 +334,13 @@ def _row_text(value: Any, path: Path, where: str, text_field: str) -> str | None
     return value if value.strip() else None
 
 
+def _stream_row_text(row: dict, label: str, text_field: str) -> str | None:
+    """The text of one streamed row (``None`` for an empty one); ``label`` names the source in errors."""
+    if text_field not in row:
+        raise UsageError(f"{label}: no {text_field!r} column (found {sorted(row)}); pass --text-field naming the text column")
+    return _row_text(row[text_field], Path(label), "row", text_field)
+
+
 def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
     """The documents of one local file, in order (empty documents are skipped)."""
     path = Path(path)
@@ -354,7 +350,7 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
             with _open_text(path) as f:
                 yield from _paragraphs(f)
         except (OSError, EOFError) as error:
-            raise UsageError(f"{path}: cannot read it ({_first_line(error)}); check the file") from None
+            raise UsageError(f"{path}: cannot read it ({first_line(error)}); check the file") from None
     elif suffix in (".jsonl", ".jsonl.gz"):
         with _open_text(path) as f:
             for number, line in enumerate(f, 1):
@@ -381,7 +377,7 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
         try:
             parquet = pq.ParquetFile(path)
         except Exception as error:
-            raise UsageError(f"{path}: not a readable Parquet file ({_first_line(error)}); check the file") from None
+            raise UsageError(f"{path}: not a readable Parquet file ({first_line(error)}); check the file") from None
         columns = parquet.schema_arrow.names
         if text_field not in columns:
             raise UsageError(
@@ -620,7 +616,7 @@ def load_tokenizer(name_or_path: str) -> Any:
         except UsageError:
             raise
         except Exception as error:
-            raise UsageError(f"{option}: cannot load a tokenizer from it ({_first_line(error)}); {hint}") from None
+            raise UsageError(f"{option}: cannot load a tokenizer from it ({first_line(error)}); {hint}") from None
     elif name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".json") or name_or_path.count("/") > 1:
         raise UsageError(f"{option}: no such file or folder; {hint}")
     else:
@@ -633,7 +629,7 @@ def load_tokenizer(name_or_path: str) -> Any:
                     "pass a local tokenizer folder or tokenizer.json, or omit --tokenizer to train a BPE on the data"
                 ) from None
             raise UsageError(
-                f"{option}: cannot load it from the Hugging Face hub ({_first_line(error)}); "
+                f"{option}: cannot load it from the Hugging Face hub ({first_line(error)}); "
                 "check the name and network, pass a local tokenizer folder, or omit --tokenizer"
             ) from None
     if getattr(tok, "backend_tokenizer", None) is None:
@@ -955,16 +951,7 @@ class StreamingTrainLoader:
                 self.dataset.load_state_dict(self._dataset_state)
             self._iterator = iter(self.dataset)
         rows = list(itertools.islice(self._iterator, self.docs_per_read))
-        texts = []
-        for row in rows:
-            if self.text_field not in row:
-                raise UsageError(
-                    f"{self.name}: no {self.text_field!r} column (found {sorted(row)}); "
-                    "pass --text-field naming the text column"
-                )
-            text = _row_text(row[self.text_field], Path(self.name), "row", self.text_field)
-            if text is not None:
-                texts.append(text)
+        texts = [text for row in rows if (text := _stream_row_text(row, self.name, self.text_field)) is not None]
         self._docs_this_epoch += len(texts)
         if len(rows) < self.docs_per_read:  # the stream ended: next epoch
             if self._docs_this_epoch == 0:
@@ -1085,7 +1072,7 @@ def _tokenize_finite(source: _FiniteSource, tok, cache_dir: Path | None) -> tupl
     if folder is not None:
         for split, array in arrays.items():
             _atomic_save_array(files[split], array)
-        _atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
+        atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
         meta["cache"] = f"written ({meta_file.name})"
     return arrays, meta
 
@@ -1130,7 +1117,7 @@ def _load_hub_dataset(data: str):
         return datasets.load_dataset(name, config or None, streaming=True)
     except Exception as error:
         raise UsageError(
-            f"--data {data}: cannot stream it from the Hugging Face hub ({_first_line(error)}); "
+            f"--data {data}: cannot stream it from the Hugging Face hub ({first_line(error)}); "
             "check the id (owner/name[:config]) and network, or pass a local file or folder"
         ) from None
 
@@ -1164,12 +1151,7 @@ def _build_stream(dataset, name, *, seq_len, batch_size, seed, tokenizer, vocab_
 
     def texts(ds) -> Iterator[str]:
         for row in ds:
-            if text_field not in row:
-                raise UsageError(
-                    f"--data {name}: no {text_field!r} column (found {sorted(row)}); "
-                    "pass --text-field naming the text column"
-                )
-            text = _row_text(row[text_field], Path(name), "row", text_field)
+            text = _stream_row_text(row, f"--data {name}", text_field)
             if text is not None:
                 yield text
 

@@ -105,13 +105,9 @@ class LowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         _check_rank(rank, out_features, in_features)
-        if not 0.0 <= sparse_density < 1.0:
-            raise ValueError(
-                f"sparse_density must be in [0, 1) (a fraction of the m×n entries; SLTrain uses 0.01–0.03), got {sparse_density}"
-            )
+        _check_sparse_density(sparse_density)
         init = init or ("lora" if keep_base else "kaiming")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        _check_init(init)
         if weight is not None and tuple(weight.shape) != (out_features, in_features):
             raise ValueError(f"weight must be {out_features}×{in_features}, got {tuple(weight.shape)}")
 
@@ -274,9 +270,10 @@ class LowRankLinear(nn.Module):
         return weight.to(self.A.dtype)
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Module:
-        """An ordinary ``nn.Linear`` (or ``Conv1D``, if that is what was replaced) with the same function."""
-        weight = self.dense_weight()
+    def to_dense(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """An ordinary ``nn.Linear`` (or ``Conv1D``, if that is what was replaced) with the same function,
+        or, given an ``m × n`` ``weight`` (e.g. the frozen base alone), with that weight and this bias."""
+        weight = self.dense_weight() if weight is None else weight.to(self.A.dtype)
         if self.source_type == "conv1d":
             dense = Conv1D(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
             dense.weight.copy_(weight.T)
@@ -305,6 +302,19 @@ class LowRankLinear(nn.Module):
             parts.append(f"sparse_density={self.sparse_values.numel() / (self.out_features * self.in_features):.4g}")
         parts.append(f"bias={self.bias is not None}")
         return ", ".join(parts)
+
+
+def _check_sparse_density(density: float) -> None:
+    if not 0.0 <= density < 1.0:
+        raise ValueError(
+            f"sparse_density must be in [0, 1) (a fraction of the m×n entries; SLTrain uses 0.01–0.03; 0 turns the sparse "
+            f"part off), got {density!r}"
+        )
+
+
+def _check_init(init: str | None) -> None:
+    if init is not None and init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)} (or None for the default), got {init!r}")
 
 
 def _check_rank(rank: int, out_features: int, in_features: int, where: str = "") -> None:

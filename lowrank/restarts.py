@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .wrap import _unwrap_parallel, lowrank_layers
+from .wrap import lowrank_layers
 
 __all__ = ["RestartController", "jagged_cosine", "reset_optimizer_momentum", "EVENTS", "RESETS"]
 
@@ -175,7 +175,7 @@ class RestartController:
         self.num_steps = 0
         self.num_restarts = 0
         self.history: list[RestartEvent] = []
-        layers = lowrank_layers(_unwrap_parallel(model))
+        layers = lowrank_layers(model)
         if event in ("refactorize", "merge") and not layers:
             raise ValueError(f"event={event!r} needs a wrapped model (lowrank.wrap); this model has no LowRankLinear layers")
         if event == "merge" and any(layer.base_weight is None for layer in layers.values()):
@@ -220,13 +220,12 @@ class RestartController:
     @torch.no_grad()
     def restart(self) -> RestartEvent:
         """Run the layer event and the momentum reset now (also callable by hand)."""
-        layers = lowrank_layers(_unwrap_parallel(self.model))
+        # event "none": only the momentum reset (e.g. SPAM's periodic reset on a dense model).
+        layers = lowrank_layers(self.model) if self.event != "none" else {}
         changed: list[torch.Tensor] = []
         top_singular_values = []
-        event = "none" if self.event == "none" else None
+        event = None
         for layer in layers.values():
-            if self.event == "none":
-                break
             if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None):
                 layer.merge()
                 event = "merge" if event in (None, "merge") else "mixed"
@@ -247,7 +246,7 @@ class RestartController:
         record = RestartEvent(
             step=self.num_steps,
             event=event or "none",
-            layers=len(layers) if self.event != "none" else 0,
+            layers=len(layers),
             reset_params=reset_count,
             mean_top_singular_value=sum(top_singular_values) / len(top_singular_values) if top_singular_values else None,
         )

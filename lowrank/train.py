@@ -11,6 +11,7 @@ the data position, so a resumed run reproduces the uninterrupted one bit for bit
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import hashlib
@@ -21,7 +22,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,8 +134,6 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
-    if (cfg.max_steps is None) == (cfg.max_tokens is None):
-        raise UsageError("give exactly one of --max-steps and --max-tokens")
     steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.max_tokens / tokens_per_step)
     if steps <= 0:
         raise UsageError(f"the run has {steps} steps; raise --max-steps / --max-tokens")
@@ -142,6 +141,11 @@ def _total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
 
 
 def _validate(cfg: TrainConfig) -> None:
+    """Checks that need nothing but the config, so a bad run stops before any data or model work."""
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        raise UsageError("give --max-steps N or --max-tokens N (the run's budget)")
+    if cfg.max_steps is not None and cfg.max_tokens is not None:
+        raise UsageError("give exactly one of --max-steps and --max-tokens")
     for name in ("batch_size", "grad_accum", "seq_len", "eval_tokens", "keep_checkpoints", "log_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -165,6 +169,11 @@ class _Run:
         # Resolve and read --resume before anything is written, so a bad path changes nothing.
         self.resume_from = resolve_checkpoint(cfg.resume, self.run_dir) if cfg.resume else None
         self.trainer_state: dict[str, Any] = read_trainer_state(self.resume_from) if self.resume_from else {}
+        if self.resume_from is not None and int(self.trainer_state.get("world_size", 1)) != self.dist.world_size:
+            raise UsageError(
+                f"checkpoint {self.resume_from} was written by {self.trainer_state.get('world_size')} processes; resume with "
+                "the same number (the data order is sharded per process)"
+            )
         if cfg.resume and cfg.overwrite:
             raise UsageError("--resume continues a run and --overwrite starts it afresh: give one of them")
         if self.resume_from is None and list_checkpoints(self.run_dir / "checkpoints"):
@@ -235,11 +244,6 @@ class _Run:
     def _resume(self) -> None:
         state = self.trainer_state
         load_checkpoint(self.resume_from, self.model, self.optimizer, device=self.device)
-        if int(state.get("world_size", 1)) != self.dist.world_size:
-            raise UsageError(
-                f"checkpoint {self.resume_from} was written by {state.get('world_size')} processes; resume with the same number "
-                "(the data order is sharded per process)"
-            )
         self.step = int(state["step"])
         self.controller.load_state_dict(state["controller"])
         self.data.train.load_state_dict(state["data"][self.dist.rank])
@@ -265,10 +269,11 @@ class _Run:
 
     def _checkpoint(self) -> Path | None:
         # A streamed corpus has a different position on every rank: keep all of them.
-        data_states = [self.data.train.state_dict()]
+        own_data_state = self.data.train.state_dict()
+        data_states = [own_data_state]
         if self.dist.enabled:
             data_states = [None] * self.dist.world_size
-            dist.all_gather_object(data_states, self.data.train.state_dict())
+            dist.all_gather_object(data_states, own_data_state)
         state = {
             "step": self.step,
             "world_size": self.dist.world_size,
@@ -324,7 +329,7 @@ class _Run:
         accounting.reset_peak_memory(self.device)
         self.module.train()
         step_times: list[float] = []
-        recent_losses: list[float] = []
+        recent_losses: collections.deque[float] = collections.deque(maxlen=10)  # the final train loss averages these
         val_loss = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
                    desc=f"{self.method.name}", unit="step")
@@ -332,14 +337,15 @@ class _Run:
             if self.dense_phase and self.step >= self.method.warm_start_steps:
                 self._end_warm_start()
             started = time.perf_counter()
-            loss_total = 0.0
+            # Summed on the device: one host sync per step, not one per micro-batch.
+            loss_sum = torch.zeros((), device=self.device)
             for micro in range(cfg.grad_accum):
                 batch = next(self.data.train).to(self.device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
                 with (contextlib.nullcontext() if sync else self.module.no_sync()), self.autocast:
                     loss = self.module(input_ids=batch, labels=batch).loss
                 (loss / cfg.grad_accum).backward()
-                loss_total += loss.detach().float().item() / cfg.grad_accum
+                loss_sum += loss.detach().float() / cfg.grad_accum
             grad_clip = self.method.training.get("grad_clip")
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
@@ -353,10 +359,10 @@ class _Run:
             elapsed = time.perf_counter() - started
             step_times.append(elapsed)
             if self.dist.enabled:
-                reduced = torch.tensor([loss_total], device=self.device)
-                dist.all_reduce(reduced)
-                loss_total = float(reduced) / self.dist.world_size
-            recent_losses = (recent_losses + [loss_total])[-20:]
+                dist.all_reduce(loss_sum)
+                loss_sum /= self.dist.world_size
+            loss_total = loss_sum.item()
+            recent_losses.append(loss_total)
             tokens_seen = self.step * self.tokens_per_step
             if is_main:
                 memory = accounting.peak_memory_bytes(self.device)
@@ -379,10 +385,11 @@ class _Run:
                 self._checkpoint()
         bar.close()
 
-        hashes = [parameter_hash(self.model)]
+        own_hash = parameter_hash(self.model)
+        hashes = [own_hash]
         if self.dist.enabled:
             hashes = [None] * self.dist.world_size
-            dist.all_gather_object(hashes, parameter_hash(self.model))
+            dist.all_gather_object(hashes, own_hash)
             if len(set(hashes)) != 1 and is_main:
                 print(f"warning: parameters differ across ranks at the end of the run: {hashes}", file=sys.stderr)
         state_bytes = accounting.optimizer_state_bytes(self.optimizer)
@@ -393,7 +400,7 @@ class _Run:
             "model": Path(self.cfg.model).stem,
             "steps": self.step,
             "tokens": self.step * self.tokens_per_step,
-            "final_train_loss": statistics.fmean(recent_losses[-10:]) if recent_losses else None,
+            "final_train_loss": statistics.fmean(recent_losses) if recent_losses else None,
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss is not None else None,
             "tokens_per_s": self.tokens_per_step / statistics.median(warm),
@@ -528,17 +535,9 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = TrainConfig(
-        method=args.method, model=args.model, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        rank=args.rank, lr=args.lr, cycle_length=args.cycle_length, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seq_len=args.seq_len, max_steps=args.max_steps, max_tokens=args.max_tokens, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every, out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed, json_out=args.json_out,
-        precision=args.precision, device=args.device, cache_dir=args.cache_dir, compile=args.compile, progress=not args.no_progress,
-        plot=not args.no_plot, overrides=_parse_set(args.set),
-    )
-    if cfg.max_steps is None and cfg.max_tokens is None:
-        raise UsageError("give --max-steps N or --max-tokens N (the run's budget)")
+    # Every option is named after its TrainConfig field (--batch-size → batch_size); the rest by hand.
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**options, progress=not args.no_progress, plot=not args.no_plot, overrides=_parse_set(args.set))
     summary = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary), file=sys.stdout)

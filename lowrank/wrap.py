@@ -8,13 +8,14 @@ re-implementing it, so a pattern selects the same modules here as in a LoRA adap
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layers import INITS, LowRankLinear, _check_rank, rank_from_ratio
+from .layers import LowRankLinear, _check_init, _check_rank, _check_sparse_density, rank_from_ratio
 
 __all__ = [
     "LowRankConfig",
@@ -74,12 +75,8 @@ class LowRankConfig:
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"alpha must be positive (s = alpha / rank), got {self.alpha!r}")
-        if not 0.0 <= self.sparse_density < 1.0:
-            raise ValueError(
-                f"sparse_density must be in [0, 1) (SLTrain uses 0.01–0.03; 0 turns the sparse part off), got {self.sparse_density!r}"
-            )
-        if self.init is not None and self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)} (or None for the default), got {self.init!r}")
+        _check_sparse_density(self.sparse_density)
+        _check_init(self.init)
         if not self.target_modules:
             raise ValueError('target_modules is empty: name modules (e.g. ["q_proj", "v_proj"]) or use "all-linear"')
 
@@ -218,7 +215,9 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
 
 
 def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    """The wrapped layers of ``model`` by module name, in module order."""
+    """The wrapped layers of ``model`` by module name, in module order; a DDP or ``torch.compile``
+    wrapper is looked through, so the names are those of the model itself."""
+    model = _unwrap_parallel(model)
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
@@ -227,7 +226,7 @@ def is_wrapped(model: nn.Module) -> bool:
 
 
 def _require_layers(model: nn.Module, action: str) -> dict[str, LowRankLinear]:
-    layers = lowrank_layers(_unwrap_parallel(model))
+    layers = lowrank_layers(model)
     if not layers:
         raise ValueError(f"{action}: the model has no LowRankLinear layers; call lowrank.wrap(model, config) first")
     return layers
@@ -273,10 +272,16 @@ def merge_to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     _require_layers(model, "merge_to_dense")
     if not inplace:
         model = copy.deepcopy(model)
+    return replace_layers(model, lambda layer: layer.to_dense())
+
+
+def replace_layers(model: nn.Module, convert: Callable[[LowRankLinear], nn.Module]) -> nn.Module:
+    """Put ``convert(layer)`` in place of every wrapped layer of ``model`` (in place) and drop the
+    wrap record, so the result no longer counts as wrapped."""
     for name, layer in list(lowrank_layers(model).items()):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, layer.to_dense())
+        setattr(parent, child_name, convert(layer))
     if hasattr(model, _CONFIG_ATTRIBUTE):
         delattr(model, _CONFIG_ATTRIBUTE)
     return model

@@ -26,11 +26,11 @@ from torch import nn
 
 from ..checkpoint import resolve_checkpoint
 from ..errors import UsageError
+from ..memory.build import DTYPES, dtype_name
 
 __all__ = ["export_model", "load_run_model", "find_checkpoint", "add_arguments", "run_from_args"]
 
 _NEEDED = ("model.safetensors", "meta.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -173,7 +173,7 @@ def export_model(
         "checkpoint": str(checkpoint),
         "step": meta.get("step"),
         "parameters": sum(p.numel() for p in dense.parameters()),
-        "dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(next(dense.parameters()).dtype),
         "tokenizer": tokenizer,
     }
 

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ..layers import LowRankLinear
-from ..wrap import _CONFIG_ATTRIBUTE, _unwrap_parallel, lowrank_layers
+from ..wrap import _unwrap_parallel, lowrank_layers, replace_layers
 
 __all__ = ["dense_base_model", "save_peft_adapter", "load_peft_adapter"]
 
@@ -66,7 +66,7 @@ _PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraMo
 
 def _adapter_layers(model: nn.Module, action: str) -> dict[str, LowRankLinear]:
     """The wrapped layers, checked to be expressible as LoRA layers over a base model."""
-    layers = lowrank_layers(_unwrap_parallel(model))
+    layers = lowrank_layers(model)
     if not layers:
         raise ValueError(f"{action}: the model has no LowRankLinear layers; call lowrank.wrap(model, LowRankConfig(keep_base=True, ...)) first")
     for name, layer in layers.items():
@@ -91,16 +91,7 @@ def dense_base_model(model: nn.Module) -> nn.Module:
     ``Conv1D``) holding its frozen base ``W0`` and bias: the base model that the adapter written by
     :func:`save_peft_adapter` goes on top of. ``model`` is left untouched."""
     _adapter_layers(model, "dense_base_model")
-    base = copy.deepcopy(_unwrap_parallel(model))
-    for name, layer in lowrank_layers(base).items():
-        plain = layer.to_dense()  # the right class, bias, dtype and device; then the base as weight
-        with torch.no_grad():
-            plain.weight.copy_(layer.base_weight.T if layer.source_type == "conv1d" else layer.base_weight)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child_name, plain)
-    if hasattr(base, _CONFIG_ATTRIBUTE):
-        delattr(base, _CONFIG_ATTRIBUTE)
-    return base
+    return replace_layers(copy.deepcopy(_unwrap_parallel(model)), lambda layer: layer.to_dense(weight=layer.base_weight))
 
 
 def _plain_number(value: float) -> int | float:

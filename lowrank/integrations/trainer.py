@@ -87,7 +87,7 @@ def _check_model(model: nn.Module, method: Method, who: str) -> None:
             "start is a `lowrank pretrain` feature; with the Trainer, train the dense model first, then wrap it "
             "and train again, with lowrank.warm_start_steps=0"
         )
-    if lowrank_layers(_unwrap_parallel(model)):
+    if lowrank_layers(model):
         return
     restarts = method.restarts or {}
     event, reset = restarts.get("event", "auto"), restarts.get("reset", "changed")

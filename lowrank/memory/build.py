@@ -79,7 +79,7 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
         if optimizer_name == "adamw" and state_dtype != weight_dtype:
             overrides["optimizer.name"] = "projected_adamw"
             optimizer_name = "projected_adamw"
-            notes.append(f"AdamW with {_dtype_name(state_dtype)} moments as ProjectedAdamW (options off): "
+            notes.append(f"AdamW with {dtype_name(state_dtype)} moments as ProjectedAdamW (options off): "
                          "torch.optim.AdamW keeps moments in the weight dtype")
         if optimizer_name == "projected_adamw":
             overrides["optimizer.matrix.state_dtype"] = state_dtype
@@ -94,8 +94,15 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
     return Resolved(method.name, method, None, used_rank, label, notes)
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` → ``"bfloat16"`` (the keys of :data:`DTYPES`)."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def check_size(name: str, value: int) -> None:
+    """A batch size or sequence length: a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 def load_config(model_config: str | Path | PretrainedConfig) -> tuple[PretrainedConfig, str]:
@@ -105,8 +112,7 @@ def load_config(model_config: str | Path | PretrainedConfig) -> tuple[Pretrained
 
 
 def build(config: PretrainedConfig, resolved: Resolved, *, device: torch.device | str = "meta",
-          weight_dtype: torch.dtype = torch.float32, seed: int = 0,
-          with_optimizer: bool = True) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+          weight_dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     """The model (wrapped per the method) in ``weight_dtype`` on ``device``, and its optimizer.
 
     On ``meta`` nothing is allocated; a peer's optimizer is not built there (its layout is
@@ -121,8 +127,6 @@ def build(config: PretrainedConfig, resolved: Resolved, *, device: torch.device 
         apply_method(model, resolved.method, seed=seed)
     if not meta:
         model.to(device)
-    if not with_optimizer:
-        return model, None
     if resolved.peer is not None:
         if meta:
             return model, None

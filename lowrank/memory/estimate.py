@@ -37,7 +37,7 @@ from ..optim.projection import effective_rank, is_left
 from ..seeding import subset_size
 from ..wrap import count_parameters, lowrank_layers
 from .activations import ActivationBytes, llama_activation_bytes
-from .build import build, load_config, parse_dtype, resolve
+from .build import build, check_size, dtype_name, load_config, parse_dtype, resolve
 from .peers import adamw8bit_state_bytes
 
 __all__ = ["MemoryEstimate", "estimate", "optimizer_state_layout"]
@@ -100,11 +100,6 @@ class MemoryEstimate:
         return data
 
 
-def _check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-
-
 def estimate(
     model_config: str | Path | PretrainedConfig,
     method: str | Path,
@@ -132,8 +127,8 @@ def estimate(
         UsageError: unknown method or model, a config that is not a causal LM, a non-positive
             size, or a rank larger than a layer.
     """
-    _check_size("batch_size", batch_size)
-    _check_size("seq_len", seq_len)
+    check_size("batch_size", batch_size)
+    check_size("seq_len", seq_len)
     weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
     state_dtype = parse_dtype(state_dtype, "state_dtype")
     config, model_name = load_config(model_config)
@@ -151,8 +146,8 @@ def estimate(
         method=resolved.name,
         optimizer=resolved.optimizer,
         rank=resolved.rank,
-        weight_dtype=_name(weight_dtype),
-        state_dtype=_name(state_dtype),
+        weight_dtype=dtype_name(weight_dtype),
+        state_dtype=dtype_name(state_dtype),
         batch_size=batch_size,
         seq_len=seq_len,
         checkpointing=checkpointing,
@@ -172,10 +167,6 @@ def estimate(
         activation_detail=activations.to_dict(),
         notes=tuple(resolved.notes),
     )
-
-
-def _name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.dtype, batch_size: int,

@@ -28,7 +28,7 @@ from ..accounting import buffer_bytes, gradient_bytes, optimizer_state_bytes, pa
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
 from ..wrap import count_parameters
-from .build import build, load_config, parse_dtype, resolve
+from .build import build, check_size, load_config, parse_dtype, resolve
 
 __all__ = ["Measurement", "measure", "measure_method"]
 
@@ -221,9 +221,8 @@ def measure_method(
     arguments), train ``steps`` steps on random tokens and :func:`measure` them."""
     weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
     state_dtype = parse_dtype(state_dtype, "state_dtype")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    check_size("batch_size", batch_size)
+    check_size("seq_len", seq_len)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")

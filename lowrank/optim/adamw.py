@@ -476,7 +476,8 @@ class ProjectedAdamW(Optimizer):
         if kind in ("svd", "randomized"):
             update = proj.project_back(direction, state["projector"], grad.shape).mul_(group["scale"])
             if fira:
-                residual = torch.sub(grad, proj.project_back(low, state["projector"], grad.shape))
+                back = proj.project_back(low, state["projector"], grad.shape)
+                residual = torch.sub(grad, back, out=back)
                 residual.mul_(proj.channel_scaling(direction, low, grad.shape))
                 update.add_(self._limit(state, residual, p))
         elif kind == "random":

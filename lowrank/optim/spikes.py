@@ -43,10 +43,11 @@ def adaptive_clip(grad: torch.Tensor, max_abs_avg: torch.Tensor, gamma: float, s
     corrected average ``T`` are rescaled to ``g / max|g| · T``: the largest entry lands on ``T`` and
     the order of the spiking entries is kept.
     """
-    max_abs = grad.abs().max()
+    magnitude = grad.abs()
+    max_abs = magnitude.max()
     max_abs_avg.lerp_(max_abs.to(max_abs_avg.dtype), 1.0 - gamma)
     threshold = max_abs_avg / (1.0 - gamma**step)
-    return torch.where(grad.abs() > threshold, grad / max_abs * threshold, grad)
+    return torch.where(magnitude > threshold, grad / max_abs * threshold, grad)
 
 
 def norm_scaling(
