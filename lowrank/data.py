@@ -27,8 +27,13 @@ Validation split (fixed: the same on every rank and every run with the same inpu
   among the shards, so each rank would skip the wrong documents.)
 
 Packing: each document's tokens, then the EOS id, concatenated into one stream and cut into
-``seq_len`` chunks (the final partial chunk is dropped): no padding. Validation is the fixed prefix
-of ``max_valid_tokens // seq_len`` chunks of the packed validation split.
+``seq_len`` chunks (the final partial chunk is dropped): no padding. Validation of a finite corpus
+is ``max_valid_tokens // seq_len`` chunks spread evenly over the whole packed validation split
+(:func:`spread_chunk_indices`: one chunk drawn from each of that many equal strata, from a fixed
+seed, so every run and every method is evaluated on the same tokens, and a split whose first file
+is one long page is not measured on that page alone). A stream's validation is its first
+``max_valid_tokens`` tokens (a hub validation split comes shuffled). ``description["valid_selection"]``
+says which tokens were used.
 
 Tokenizer: ``tokenizer`` names a local folder / ``tokenizer.json`` or a hub model. Without one, a
 byte-level BPE (``tokenizers``) is trained on the training split (all of it, or a deterministic
@@ -83,6 +88,7 @@ __all__ = [
     "load_tokenizer",
     "pack",
     "read_documents",
+    "spread_chunk_indices",
     "train_bpe_tokenizer",
 ]
 
@@ -94,6 +100,10 @@ BPE_SAMPLE_CHARS = 100_000_000
 
 VALID_MODULUS = 20
 """1 in this many documents (or builtin modules) goes to validation."""
+
+VALID_SELECTION_SEED = 0
+"""Seed of the validation chunk draw: fixed, not the run's seed, so runs with different seeds are
+evaluated on the same tokens."""
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _SUFFIX_LIST = ".txt, .txt.gz, .jsonl, .jsonl.gz or .parquet"
@@ -778,6 +788,23 @@ def pack(flat: np.ndarray, seq_len: int, max_chunks: int | None = None) -> torch
     return torch.from_numpy(np.asarray(flat[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
 
 
+def spread_chunk_indices(total: int, count: int | None, seed: int = VALID_SELECTION_SEED) -> np.ndarray:
+    """Sorted indices of ``count`` of ``total`` chunks, spread evenly over all of them.
+
+    Stratified sampling: the chunks are cut into ``count`` consecutive strata of (almost) equal size
+    (``[floor(i·total/count), floor((i+1)·total/count))``) and one chunk is drawn uniformly from
+    each with ``numpy.random.default_rng(seed)``. Every part of the split is represented in
+    proportion to its length, unlike a prefix, and the draw is a pure function of its arguments.
+    ``count`` of ``None`` or ``>= total`` keeps every chunk.
+    """
+    if count is None or count >= total:
+        return np.arange(total)
+    edges = (np.arange(count + 1, dtype=np.int64) * total) // count
+    widths = edges[1:] - edges[:-1]
+    offsets = np.floor(np.random.default_rng(seed).random(count) * widths).astype(np.int64)
+    return edges[:-1] + offsets
+
+
 # --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
@@ -1028,14 +1055,38 @@ def _check_arguments(seq_len, batch_size, seed, vocab_size, rank, world_size, ma
         )
 
 
-def _valid_tensor(flat: np.ndarray, seq_len: int, max_valid_tokens: int | None, name: str) -> torch.Tensor:
-    valid = pack(flat, seq_len, None if max_valid_tokens is None else max_valid_tokens // seq_len)
-    if len(valid) == 0:
+def _valid_tensor(flat: np.ndarray, seq_len: int, max_valid_tokens: int | None, name: str,
+                  spread: bool) -> tuple[torch.Tensor, dict]:
+    """The validation chunks and a description of which tokens they are. ``spread``: draw them
+    over the whole split (:func:`spread_chunk_indices`); otherwise take the prefix (a stream, which
+    was read only up to ``max_valid_tokens``)."""
+    total = len(flat) // seq_len
+    if total == 0:
         raise UsageError(
             f"{name}: the validation split has {len(flat)} tokens, less than one --seq-len {seq_len} chunk; "
             "use more data, a folder with train*/valid* files, or a shorter --seq-len"
         )
-    return valid
+    count = None if max_valid_tokens is None else max_valid_tokens // seq_len
+    if spread:
+        indices = spread_chunk_indices(total, count)
+        rule = (f"one {seq_len}-token chunk drawn from each of {len(indices)} equal strata of the "
+                f"{total} chunks of the packed validation split (seed {VALID_SELECTION_SEED})")
+    else:
+        indices = np.arange(min(total, count or total))
+        rule = f"the first {len(indices)} {seq_len}-token chunks of the validation stream"
+    # Rows of a view of the (possibly memory-mapped) stream: only the chosen chunks are copied.
+    rows = np.asarray(flat[: total * seq_len]).reshape(total, seq_len)[indices]
+    valid = torch.from_numpy(rows.astype(np.int64))
+    selection = {
+        "rule": rule,
+        "chunks": len(indices),
+        "of_chunks": total,
+        "tokens": len(indices) * seq_len,
+        "first_chunk": int(indices[0]),
+        "last_chunk": int(indices[-1]),
+        "sha1": hashlib.sha1(valid.numpy().tobytes()).hexdigest(),
+    }
+    return valid, selection
 
 
 def _tokenize_finite(source: _FiniteSource, tok, cache_dir: Path | None) -> tuple[dict, dict]:
@@ -1087,7 +1138,7 @@ def _build_finite(source, *, seq_len, batch_size, seed, tokenizer, vocab_size, c
         arrays["train"], seq_len=seq_len, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
         name=f"--data {source.name}: the training split",
     )
-    valid = _valid_tensor(arrays["valid"], seq_len, max_valid_tokens, f"--data {source.name}")
+    valid, selection = _valid_tensor(arrays["valid"], seq_len, max_valid_tokens, f"--data {source.name}", spread=True)
     description = {"source": source.name, "kind": source.kind, "split_rule": source.split_rule, **source.describe()}
     description.update(meta)
     description.update(tok_description)
@@ -1098,6 +1149,7 @@ def _build_finite(source, *, seq_len, batch_size, seed, tokenizer, vocab_size, c
         batches_per_epoch=train.batches_per_epoch,
         tokens_per_epoch_per_rank=train.tokens_per_epoch,
         valid_chunks=len(valid),
+        valid_selection=selection,
     )
     return DataBundle(tokenizer=tok, train=train, valid=valid, description=description)
 
@@ -1178,13 +1230,14 @@ def _build_stream(dataset, name, *, seq_len, batch_size, seed, tokenizer, vocab_
         if valid_file is not None:
             _atomic_save_array(valid_file, valid_flat)
     meta["valid_tokens"] = int(len(valid_flat))
-    valid = _valid_tensor(valid_flat, seq_len, max_valid_tokens, f"--data {name}")
+    valid, selection = _valid_tensor(valid_flat, seq_len, max_valid_tokens, f"--data {name}", spread=False)
     train = StreamingTrainLoader(
         train_ds, tok, seq_len=seq_len, batch_size=batch_size, text_field=text_field, seed=seed, rank=rank,
         world_size=world_size, shuffle_buffer=shuffle_buffer, name=f"--data {name}",
     )
     description = {"source": name, "kind": "stream", "split_rule": split_rule, **meta, **tok_description}
-    description.update(vocab_size=len(tok), seq_len=seq_len, valid_chunks=len(valid), shuffle_buffer=shuffle_buffer)
+    description.update(vocab_size=len(tok), seq_len=seq_len, valid_chunks=len(valid), valid_selection=selection,
+                       shuffle_buffer=shuffle_buffer)
     return DataBundle(tokenizer=tok, train=train, valid=valid, description=description)
 
 

@@ -22,16 +22,31 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .linalg import balanced_factors, kaiming_uniform_, spectral_factors
-from .seeding import STREAM_INIT, STREAM_MERGE, STREAM_SPARSE_SUPPORT, cpu_generator, index_dtype, sample_subset, subset_size
+from .linalg import balanced_factors, kaiming_uniform_, spectral_factors, work_dtype
+from .seeding import (
+    STREAM_INIT,
+    STREAM_MERGE,
+    STREAM_SPARSE_SUPPORT,
+    STREAM_SPARSE_VALUES,
+    cpu_generator,
+    index_dtype,
+    sample_subset,
+    subset_size,
+)
 
-__all__ = ["LowRankLinear", "INITS"]
+__all__ = ["LowRankLinear", "INITS", "SPARSE_INITS"]
 
 INITS = ("kaiming", "lora", "spectral")
 """Factor initialisations: ``kaiming`` draws both factors like ``nn.Linear`` (the benchmark
 paper's low-rank default); ``lora`` draws A and sets ``B = 0`` (ReLoRA: the layer starts equal to
 its base); ``spectral`` starts from the top-r SVD of the dense weight being replaced, split
 ``U√Σ``, ``√ΣVᵀ`` (with a base, the base keeps the remainder, so the function is unchanged)."""
+
+SPARSE_INITS = ("uniform", "zeros")
+"""Initial values of SLTrain's sparse part: ``uniform`` draws ``S ~ U(−1/√n, 1/√n)`` on its
+support, as SLTrain's released code does (``splora_linear.py``, with ``A`` Kaiming and ``B = 0``,
+which is the ``lora`` factor init); ``zeros`` starts ``S = 0`` (so a layer with a frozen base, or a
+spectral start, keeps the function it replaces)."""
 
 class _SparseLinear(torch.autograd.Function):
     """``x @ Sᵀ`` for a sparse ``S`` given by ``values`` at flat ``indices`` of an ``m × n`` matrix.
@@ -81,6 +96,8 @@ class LowRankLinear(nn.Module):
         sparse_density: fraction of entries of a trainable sparse ``S`` (SLTrain mode; 0 = off).
             Its support is fixed and drawn from ``seed``.
         init: one of :data:`INITS`; ``None`` picks ``lora`` with a base and ``kaiming`` without.
+        sparse_init: one of :data:`SPARSE_INITS`; ``None`` picks ``zeros`` with a base or the
+            ``spectral`` init (the function is kept) and ``uniform`` (SLTrain's) otherwise.
         seed: seeds every random choice of this layer (initialisation, sparse support, the
             re-initialisation after each merge), so all DDP ranks agree without communicating.
         weight: optional dense ``m × n`` weight the layer replaces: it becomes ``W0`` with
@@ -98,16 +115,19 @@ class LowRankLinear(nn.Module):
         keep_base: bool = False,
         sparse_density: float = 0.0,
         init: str | None = None,
+        sparse_init: str | None = None,
         seed: int = 0,
         weight: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_rank(rank, out_features, in_features)
-        _check_sparse_density(sparse_density)
+        check_rank(rank, out_features, in_features)
+        check_sparse_density(sparse_density)
         init = init or ("lora" if keep_base else "kaiming")
-        _check_init(init)
+        check_init(init)
+        check_sparse_init(sparse_init)
+        sparse_init = sparse_init or ("zeros" if keep_base or init == "spectral" else "uniform")
         if weight is not None and tuple(weight.shape) != (out_features, in_features):
             raise ValueError(f"weight must be {out_features}×{in_features}, got {tuple(weight.shape)}")
 
@@ -143,6 +163,7 @@ class LowRankLinear(nn.Module):
         # state dict, so a resumed run re-initialises exactly as an uninterrupted one.
         self.register_buffer("num_merges", torch.zeros((), dtype=torch.int64, device=device))
         self._initialize(init, weight)
+        self._initialize_sparse(sparse_init)
 
     # ------------------------------------------------------------------ construction
 
@@ -186,7 +207,7 @@ class LowRankLinear(nn.Module):
             if weight is None:
                 # No dense layer given: factorize a fresh nn.Linear-style draw.
                 weight = kaiming_uniform_(torch.empty(self.out_features, self.in_features), generator)
-            B, A = spectral_factors(weight.float() / self.scale, self.rank)
+            B, A = spectral_factors(weight.to(work_dtype(self.A.dtype)) / self.scale, self.rank)
             self.B.copy_(B)
             self.A.copy_(A)
             if self.base_weight is not None:
@@ -198,6 +219,15 @@ class LowRankLinear(nn.Module):
             kaiming_uniform_(self.B, generator)
         else:  # lora
             self.B.zero_()
+
+    @torch.no_grad()
+    def _initialize_sparse(self, sparse_init: str) -> None:
+        if self.sparse_values is None or self.sparse_values.device.type == "meta" or sparse_init == "zeros":
+            return
+        bound = 1.0 / math.sqrt(self.in_features)
+        values = torch.empty(self.sparse_values.shape, dtype=torch.float32)
+        values.uniform_(-bound, bound, generator=cpu_generator(self.seed, STREAM_SPARSE_VALUES))
+        self.sparse_values.copy_(values)
 
     # ------------------------------------------------------------------ forward
 
@@ -250,7 +280,8 @@ class LowRankLinear(nn.Module):
                 "merge() needs a frozen base to merge into: build the layer with keep_base=True "
                 "(LowRankConfig(keep_base=True)); for a layer without a base use refactorize()"
             )
-        update = self.scale * (self.B.float() @ self.A.float())
+        work = work_dtype(self.A.dtype)
+        update = self.scale * (self.B.to(work) @ self.A.to(work))
         self.base_weight.add_(update.to(self.base_weight.dtype))
         self.num_merges += 1
         kaiming_uniform_(self.A, cpu_generator(self.seed, STREAM_MERGE, int(self.num_merges)))
@@ -262,11 +293,12 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """The effective dense ``m × n`` weight ``W0 + s·BA + S`` (materialised; for export and checks)."""
-        weight = self.scale * (self.B.float() @ self.A.float())
+        work = work_dtype(self.A.dtype)
+        weight = self.scale * (self.B.to(work) @ self.A.to(work))
         if self.base_weight is not None:
-            weight += self.base_weight.float()
+            weight += self.base_weight.to(work)
         if self.sparse_values is not None:
-            weight += _scatter_dense(self.sparse_values.float(), self.sparse_indices, self.out_features, self.in_features)
+            weight += _scatter_dense(self.sparse_values.to(work), self.sparse_indices, self.out_features, self.in_features)
         return weight.to(self.A.dtype)
 
     @torch.no_grad()
@@ -304,7 +336,7 @@ class LowRankLinear(nn.Module):
         return ", ".join(parts)
 
 
-def _check_sparse_density(density: float) -> None:
+def check_sparse_density(density: float) -> None:
     if not 0.0 <= density < 1.0:
         raise ValueError(
             f"sparse_density must be in [0, 1) (a fraction of the m×n entries; SLTrain uses 0.01–0.03; 0 turns the sparse "
@@ -312,12 +344,17 @@ def _check_sparse_density(density: float) -> None:
         )
 
 
-def _check_init(init: str | None) -> None:
+def check_init(init: str | None) -> None:
     if init is not None and init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)} (or None for the default), got {init!r}")
 
 
-def _check_rank(rank: int, out_features: int, in_features: int, where: str = "") -> None:
+def check_sparse_init(sparse_init: str | None) -> None:
+    if sparse_init is not None and sparse_init not in SPARSE_INITS:
+        raise ValueError(f"sparse_init must be one of {', '.join(SPARSE_INITS)} (or None for the default), got {sparse_init!r}")
+
+
+def check_rank(rank: int, out_features: int, in_features: int, where: str = "") -> None:
     limit = min(out_features, in_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= limit:
         raise ValueError(

@@ -11,10 +11,18 @@ import math
 import torch
 
 __all__ = [
+    "work_dtype",
     "balanced_factors",
     "spectral_factors",
     "kaiming_uniform_",
 ]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision for factor algebra (QR, SVD, materialising ``B @ A``): fp64 stays fp64, every other
+    dtype works in fp32 (QR and SVD have no half-precision kernels, and fp32 keeps a bf16 layer's
+    round trip exact to ~1e-6)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def kaiming_uniform_(tensor: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -62,9 +70,7 @@ def balanced_factors(
     """
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"balanced_factors needs B: m×r and A: r×n, got {tuple(B.shape)} and {tuple(A.shape)}")
-    # QR and SVD are not implemented for half precision, and fp32 keeps the round trip exact
-    # to ~1e-6 relative even when the parameters are bf16.
-    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    work = work_dtype(B.dtype)
     q_b, r_b = torch.linalg.qr(B.to(work))
     q_a, r_a = torch.linalg.qr(A.to(work).T)
     u_c, sigma, v_c_t = torch.linalg.svd(r_b @ r_a.T)
@@ -91,7 +97,7 @@ def spectral_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     The "spectral" initialisation: start the factors at the best rank-r approximation of a
     freshly initialised (or pretrained) dense layer, already balanced.
     """
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    work = work_dtype(weight.dtype)
     u, sigma, v_t = torch.linalg.svd(weight.to(work), full_matrices=False)
     root = sigma[:rank].sqrt()
     return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * v_t[:rank]).to(weight.dtype)

@@ -7,6 +7,7 @@ A preset has these sections (all but ``optimizer`` optional)::
     lowrank:      LowRankConfig fields (rank, alpha, target_modules, keep_base, sparse_density, init,
                   ...) plus warm_start_steps; absent = dense model
     optimizer:    name (adamw | projected_adamw), lr, betas, eps, weight_decay,
+                  matrix_lr_ratio (the matrix group's lr as a multiple of lr; default 1),
                   target_modules / exclude_modules (which dense matrices get `matrix` options),
                   matrix: {ProjectedAdamW options for the factor / target matrices},
                   other:  {ProjectedAdamW options for every other parameter}
@@ -51,9 +52,10 @@ SCHEMA: dict[str, set[str] | None] = {
     "description": None,
     "lowrank": {
         "rank", "rank_ratio", "alpha", "target_modules", "exclude_modules", "keep_base",
-        "sparse_density", "init", "seed", "warm_start_steps",
+        "sparse_density", "init", "sparse_init", "seed", "warm_start_steps",
     },
-    "optimizer": {"name", "lr", "betas", "eps", "weight_decay", "target_modules", "exclude_modules", "matrix", "other"},
+    "optimizer": {"name", "lr", "betas", "eps", "weight_decay", "matrix_lr_ratio", "target_modules", "exclude_modules",
+                  "matrix", "other"},
     "restarts": {"cycle_length", "event", "reset", "rewarmup_steps"},
     "schedule": {"warmup", "min_lr_ratio"},
     "training": {"grad_clip"},
@@ -211,6 +213,9 @@ def _validate(data: dict, where: str) -> None:
     optimizer = data.get("optimizer")
     if not optimizer or "lr" not in optimizer:
         raise UsageError(f"{where}: the optimizer section needs at least 'lr'")
+    ratio = optimizer.get("matrix_lr_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+        raise UsageError(f"{where}: optimizer.matrix_lr_ratio must be a positive number (the matrix group's lr / lr), got {ratio!r}")
     name = optimizer.get("name", "projected_adamw")
     if name not in OPTIMIZERS:
         raise UsageError(f"{where}: optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
@@ -241,7 +246,11 @@ def param_groups(model: nn.Module, method: Method) -> list[dict]:
     """Parameter groups: ``matrix`` (low-rank factors and sparse values, or the dense target
     matrices of projected-gradient methods) with the preset's ``matrix`` options, and ``other``
     (embeddings, norms, head, biases) with its ``other`` options. Frozen parameters (a ReLoRA
-    base) are left out: they get no optimizer state."""
+    base) are left out: they get no optimizer state.
+
+    The ``matrix`` group's learning rate is ``matrix_lr_ratio × lr``: at small scale the
+    embeddings and head are most of the trainable parameters, and one shared lr can be right for
+    them and wrong for the factors (or the reverse), so the ratio is a preset key of its own."""
     settings = method.optimizer
     matrix_params: list[nn.Parameter] = []
     layers = lowrank_layers(model)
@@ -261,7 +270,11 @@ def param_groups(model: nn.Module, method: Method) -> list[dict]:
     other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     groups = []
     if matrix_params:
-        groups.append({"params": matrix_params, "group_name": "matrix", **(settings.get("matrix") or {})})
+        matrix = {"params": matrix_params, "group_name": "matrix", **(settings.get("matrix") or {})}
+        ratio = float(settings.get("matrix_lr_ratio", 1.0))
+        if ratio != 1.0:
+            matrix["lr"] = float(matrix.get("lr", settings["lr"])) * ratio
+        groups.append(matrix)
     if other_params:
         groups.append({"params": other_params, "group_name": "other", **(settings.get("other") or {})})
     return groups

@@ -28,7 +28,7 @@ from .wrap import lowrank_layers
 __all__ = ["RestartController", "jagged_cosine", "reset_optimizer_momentum", "EVENTS", "RESETS"]
 
 EVENTS = ("auto", "refactorize", "merge", "none")
-RESETS = ("changed", "all", "none")
+RESETS = ("changed", "factors", "all", "none")
 
 
 def jagged_cosine(
@@ -109,7 +109,9 @@ class RestartController:
        2025, arXiv 2505.22922) or ``merge`` (``W0 ← W0 + s·BA``, ReLoRA); ``auto`` merges layers
        that have a frozen base and refactorizes the others;
     2. resets the optimizer moments of exactly the parameters whose coordinates changed
-       (``reset="changed"``), of every parameter (``"all"``, SPAM's periodic reset) or of none;
+       (``reset="changed"``), of every low-rank factor whether or not an event changed it
+       (``"factors"``: momentum reset without refactorization, the benchmark paper's ablation),
+       of every parameter (``"all"``, SPAM's periodic reset) or of none;
     3. restarts the learning rate: a ``rewarmup_steps`` linear ramp inside the cosine envelope.
 
     It also sets each parameter group's ``lr`` before every step (``base_lr × jagged_cosine``),
@@ -178,6 +180,8 @@ class RestartController:
         layers = lowrank_layers(model)
         if event in ("refactorize", "merge") and not layers:
             raise ValueError(f"event={event!r} needs a wrapped model (lowrank.wrap); this model has no LowRankLinear layers")
+        if reset == "factors" and not layers:
+            raise ValueError("reset='factors' needs a wrapped model (lowrank.wrap); this model has no LowRankLinear layers")
         if event == "merge" and any(layer.base_weight is None for layer in layers.values()):
             raise ValueError("event='merge' needs layers with a frozen base: wrap with LowRankConfig(keep_base=True)")
         for group in optimizer.param_groups:
@@ -236,7 +240,9 @@ class RestartController:
             if layer.base_weight is not None:
                 changed.append(layer.base_weight)
         _broadcast_from_rank0(changed)
-        if self.reset == "changed":
+        if self.reset in ("changed", "factors"):
+            if self.reset == "factors":
+                changed = [p for layer in lowrank_layers(self.model).values() for p in layer.factor_parameters()]
             trainable = [p for p in changed if p.requires_grad]
             reset_count = reset_optimizer_momentum(self.optimizer, trainable) if trainable else 0
         elif self.reset == "all":

@@ -24,6 +24,7 @@ __all__ = [
     "STREAM_SUBSET",
     "STREAM_GAUSSIAN",
     "STREAM_SKETCH",
+    "STREAM_SPARSE_VALUES",
 ]
 
 # One stream per kind of draw, so that no two kinds ever share numbers (e.g. the sparse support
@@ -35,6 +36,7 @@ STREAM_MERGE = 3
 STREAM_SUBSET = 4
 STREAM_GAUSSIAN = 5
 STREAM_SKETCH = 6
+STREAM_SPARSE_VALUES = 7
 
 _MASK64 = (1 << 64) - 1
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layers import LowRankLinear, _check_init, _check_rank, _check_sparse_density, rank_from_ratio
+from .layers import LowRankLinear, check_init, check_rank, check_sparse_density, check_sparse_init, rank_from_ratio
 
 __all__ = [
     "LowRankConfig",
@@ -50,6 +50,9 @@ class LowRankConfig:
         sparse_density: SLTrain mode: add a trainable sparse part with this fraction of entries.
         init: one of ``"kaiming"``, ``"lora"``, ``"spectral"`` (see :data:`lowrank.layers.INITS`);
             ``None`` picks ``"lora"`` with ``keep_base`` and ``"kaiming"`` without.
+        sparse_init: ``"uniform"`` (SLTrain's ``U(±1/√n)``) or ``"zeros"`` for the sparse part
+            (see :data:`lowrank.layers.SPARSE_INITS`); ``None`` picks ``"zeros"`` with
+            ``keep_base`` or ``init="spectral"`` and ``"uniform"`` otherwise.
         seed: base seed; layer ``i`` (in module order) draws from ``(seed, i)``.
     """
 
@@ -61,6 +64,7 @@ class LowRankConfig:
     keep_base: bool = False
     sparse_density: float = 0.0
     init: str | None = None
+    sparse_init: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,8 +79,9 @@ class LowRankConfig:
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
         if self.alpha is not None and self.alpha <= 0:
             raise ValueError(f"alpha must be positive (s = alpha / rank), got {self.alpha!r}")
-        _check_sparse_density(self.sparse_density)
-        _check_init(self.init)
+        check_sparse_density(self.sparse_density)
+        check_init(self.init)
+        check_sparse_init(self.sparse_init)
         if not self.target_modules:
             raise ValueError('target_modules is empty: name modules (e.g. ["q_proj", "v_proj"]) or use "all-linear"')
 
@@ -168,7 +173,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
                 "add it to exclude_modules or build the model with tie_word_embeddings=False"
             )
         rank = config.rank_for(out_features, in_features)
-        _check_rank(rank, out_features, in_features, where=f"layer {name!r}: ")
+        check_rank(rank, out_features, in_features, where=f"layer {name!r}: ")
         plan.append((name, module, rank))
 
     for index, (name, module, rank) in enumerate(plan):
@@ -179,6 +184,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
             keep_base=config.keep_base,
             sparse_density=config.sparse_density,
             init=config.init,
+            sparse_init=config.sparse_init,
             seed=_layer_seed(config.seed, index),
         )
         parent_name, _, child_name = name.rpartition(".")

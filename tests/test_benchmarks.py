@@ -2,7 +2,9 @@
 packages, our presets) trains through the same trainer, results carry the required metrics, and
 the report renders the README table and the plots."""
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +15,78 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import compare  # noqa: E402
+import plan  # noqa: E402
 import report  # noqa: E402
+from suites import CONTENDERS, SUITES  # noqa: E402
 
 REQUIRED = ("val_ppl", "tokens_per_s", "optimizer_state_bytes", "model_state_bytes", "peak_memory_bytes")
 
 
 def test_scaled_overrides_put_every_event_on_the_suite_clock():
-    suite = compare.SUITES["cpu-small"]
-    restarts = compare.scaled_overrides(compare.CONTENDERS["low_rank_restarts"], suite)
+    suite = SUITES["cpu-small"]
+    restarts = compare.scaled_overrides(CONTENDERS["low_rank_restarts"], suite)
     assert restarts == {"lowrank.rank": 96, "restarts.cycle_length": 40, "restarts.rewarmup_steps": 2}
-    spam = compare.scaled_overrides(compare.CONTENDERS["spam"], suite)
+    spam = compare.scaled_overrides(CONTENDERS["spam"], suite)
     assert spam["restarts.cycle_length"] == 40 and spam["optimizer.matrix.reset_warmup"] == 12  # 150 × 40/500
-    galore = compare.scaled_overrides(compare.CONTENDERS["galore"], suite)
+    galore = compare.scaled_overrides(CONTENDERS["galore"], suite)
     assert galore == {"optimizer.matrix.rank": 96, "optimizer.matrix.update_proj_gap": 40}
-    assert compare.scaled_overrides(compare.CONTENDERS["adamw"], suite) == {}
+    assert compare.scaled_overrides(CONTENDERS["adamw"], suite) == {}
+    # cpu-long: ReLoRA's full-rank warm start for a quarter of the run; the ablation's own periods
+    long = SUITES["cpu-long"]
+    relora = compare.scaled_overrides(CONTENDERS["relora"], long)
+    assert relora["lowrank.warm_start_steps"] == 500 and relora["restarts.cycle_length"] == 200
+    assert relora["restarts.rewarmup_steps"] == 20  # ReLoRA's 100 of 1000 steps, at period 200
+    assert compare.scaled_overrides(CONTENDERS["low_rank_restarts@400"], long)["restarts.cycle_length"] == 400
+
+
+def simulate(suite, names, ppl, max_rounds=50):
+    """Drive the planner with a fake trainer ``ppl(name, lr, ratio, seed)`` until nothing is needed."""
+    results, history = {}, []
+    base_lrs = {n: compare.base_lr(CONTENDERS[n]) for n in [*names, *suite.ablation]}
+    ratios = {n: compare.has_ratio(CONTENDERS[n]) for n in base_lrs}
+    for _ in range(max_rounds):
+        needed, best, ablation = plan.plan(suite, CONTENDERS, names, results, base_lrs, ratios)
+        if not needed:
+            return results, best, ablation, history
+        history.append(needed)
+        for spec in needed:
+            value = ppl(spec.contender, spec.lr, spec.ratio, spec.seed)
+            results[spec.key] = {"failed": True} if value is None else {"val_ppl": value}
+    raise AssertionError("the plan did not converge")
+
+
+def test_plan_extends_at_an_edge_sweeps_the_ratio_runs_the_ablation_and_the_seeds():
+    import math
+
+    suite = SUITES["cpu-long"]
+    optimum = {"adamw": 5e-3, "low_rank": 1.5e-3}
+
+    def ppl(name, lr, ratio, seed):
+        if name == "adamw" and lr > 1.5e-2:
+            return None  # diverged
+        centre = optimum.get(name, 1.5e-3)
+        return 100 + 10 * math.log(lr / centre) ** 2 + 5 * math.log(ratio or 1.0) ** 2 + 0.1 * seed
+
+    results, best, ablation, history = simulate(suite, ["adamw", "low_rank"], ppl)
+    tried = sorted(lr for (name, lr, ratio, seed) in results if name == "adamw" and seed == 0)
+    # 0.5/1/2 × 1e-3, the best (2e-3) at the upper edge → 4e-3; still the edge, but one extension per side
+    assert tried == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3])
+    assert best["adamw"] == (4e-3, None)
+    lr_ratio = sorted((lr, ratio) for (name, lr, ratio, seed) in results if name == "low_rank" and seed == 0)
+    assert lr_ratio == [(7.5e-4, 1.0), (1.5e-3, 0.5), (1.5e-3, 1.0), (1.5e-3, 2.0), (3e-3, 1.0)]  # keys are rounded
+    assert best["low_rank"] == (1.5e-3, 1.0)
+    # the ablation at low_rank's best; seeds for every best and every ablation row
+    assert set(ablation) == set(suite.ablation) and all(s == (1.5e-3, 1.0) for s in ablation.values())
+    for name in ["adamw", "low_rank", *suite.ablation]:
+        lr, ratio = (best | ablation)[name]
+        assert {seed for (n, l, r, seed) in results if n == name and l == lr and r == ratio} == {0, 1, 2}
+    # stages come in order: the sweep first, the repeats last
+    assert [spec.stage for spec in history[0]] == [0] * 6 and max(spec.stage for spec in history[-1]) >= 4
+    # a diverged point beyond the edge ends the extension, even with extensions to spare
+    wide = dataclasses.replace(suite, max_extend=3, ablation=(), ablation_base=None, ratio_sweep=(), seeds=(0,))
+    results, best, _, _ = simulate(wide, ["adamw"], lambda name, lr, ratio, seed: None if lr > 3e-3 else 100 - lr * 1000)
+    assert sorted(lr for (_, lr, _, _) in results) == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert best["adamw"] == (2e-3, None) and results[("adamw", 4e-3, None, 0)] == {"failed": True}
 
 
 
@@ -53,23 +113,31 @@ def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
     assert "0.90× (**not met**" in speed
     assert report.targets({"results": {"adamw": results["adamw"]}, "settings": {"model": "x"}}) == []
 
+def run_suite(corpus, tmp_path, *extra):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--suite", "smoke", "--data", corpus["data"],
+         "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--threads", "1", *extra],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     names = "adamw,galore-torch,adamw8bit,low_rank_restarts,lowrank_sparse"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--suite", "smoke", "--data", corpus["data"],
-         "--contenders", names, "--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
-    )
+    result = run_suite(corpus, tmp_path, "--contenders", names, "--jobs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     combined = json.loads((tmp_path / "results" / "smoke.json").read_text())
-    assert set(combined["results"]) == set(names.split(","))
+    assert combined["complete"] and set(combined["results"]) == set(names.split(","))
     for name, record in combined["results"].items():
         assert all(record[key] > 0 for key in REQUIRED), name
         assert record["tokens"] == 8 * 4 * 32 and len(record["val_curve"]) == 2
-    # Peers through their packages; ours by preset; the sweep kept three learning rates.
+        assert record["valid_selection"]["chunks"] == 1024 // 32 and len(record["valid_selection"]["sha1"]) == 40
+    # every contender is evaluated on the same validation tokens
+    assert len({r["valid_selection"]["sha1"] for r in combined["results"].values()}) == 1
+    # Peers through their packages; ours by preset; the sweep kept three learning rates (or one more at an edge).
     assert combined["results"]["galore-torch"]["package"] == "galore-torch"
     assert combined["results"]["lowrank_sparse"]["kind"] == "ours"
-    assert [run["lr"] for run in combined["sweeps"]["lowrank_sparse"]] == pytest.approx([0.00075, 0.0015, 0.003])
+    lrs = sorted(run["lr"] for run in combined["sweeps"]["lowrank_sparse"])
+    assert lrs[:3] == pytest.approx([0.00075, 0.0015, 0.003]) or lrs[1:] == pytest.approx([0.00075, 0.0015, 0.003])
     assert [e["step"] for e in combined["results"]["low_rank_restarts"]["events"]] == [4]
     # 8-bit moments and sparse momentum hold less state than AdamW's two fp32 moments.
     adamw = combined["results"]["adamw"]["optimizer_state_bytes"]
@@ -87,3 +155,22 @@ def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     assert "Learning-rate sweep for `lowrank_sparse`" in text and "Our best memory-efficient contender" in text
     for png in ("smoke_val_ppl.png", "smoke_memory_vs_ppl.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suite_reuses_finished_runs_and_reruns_changed_settings(corpus, tmp_path):
+    """Resumable: a second invocation starts nothing; a changed training setting runs again."""
+    args = ("--contenders", "low_rank", "--suite-set", "seeds=0,1")
+    first = run_suite(corpus, tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count(" start ") == 2  # the published lr, then its second seed
+    combined = json.loads((tmp_path / "results" / "smoke.json").read_text())
+    seeds = combined["results"]["low_rank"]["over_seeds"]
+    assert seeds["seeds"] == [0, 1] and seeds["min"] <= seeds["mean"] <= seeds["max"] and seeds["complete"]
+    files = {p.name: p.read_bytes() for p in (tmp_path / "results" / "smoke").glob("*.json")}
+    again = run_suite(corpus, tmp_path, *args)
+    assert again.returncode == 0 and " start " not in again.stdout, again.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "results" / "smoke").glob("*.json")} == files
+    changed = run_suite(corpus, tmp_path, *args, "--suite-set", "eval_every=2")
+    assert changed.returncode == 0 and changed.stdout.count(" start ") == 2, changed.stdout
+    record = json.loads((tmp_path / "results" / "smoke" / "low_rank-lr0.0015.json").read_text())
+    assert [p["step"] for p in record["val_curve"]] == [2, 4, 6, 8]

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import random
 import sys
 from collections import Counter
@@ -29,6 +30,7 @@ from lowrank.data import (
     load_tokenizer,
     pack,
     read_documents,
+    spread_chunk_indices,
 )
 from lowrank.errors import UsageError
 
@@ -377,7 +379,45 @@ def test_split_folder_uses_named_files(tmp_path, tokenizer_dir, tok):
     desc = bundle.description
     assert (desc["train_documents"], desc["valid_documents"], desc["ignored_files"]) == (300, 100, 1)
     assert np.array_equal(bundle.train.tokens, encode_documents(tok, DOCS[:300]))
-    assert torch.equal(bundle.valid, pack(encode_documents(tok, DOCS[300:]), 16)[:20])
+    everything = pack(encode_documents(tok, DOCS[300:]), 16)
+    assert torch.equal(bundle.valid, everything[torch.from_numpy(spread_chunk_indices(len(everything), 20))])
+
+
+def test_spread_chunk_indices_one_per_stratum():
+    for total, count in [(10, 10), (10, 3), (1790, 512), (1001, 7), (5, 9)]:
+        indices = spread_chunk_indices(total, count)
+        kept = min(total, count)
+        assert len(indices) == kept and len(set(indices.tolist())) == kept
+        assert np.all(np.diff(indices) > 0) and 0 <= indices[0] and indices[-1] < total
+        # exactly one index in each stratum [floor(i·T/n), floor((i+1)·T/n))
+        edges = [(i * total) // kept for i in range(kept + 1)]
+        strata = [next(i for i in range(kept) if edges[i] <= j < edges[i + 1]) for j in indices.tolist()]
+        assert strata == list(range(kept))
+    assert np.array_equal(spread_chunk_indices(1790, 512), spread_chunk_indices(1790, 512))  # fixed draw
+    assert not np.array_equal(spread_chunk_indices(1790, 512), spread_chunk_indices(1790, 512, seed=1))
+
+
+def test_validation_spans_the_whole_split_not_its_first_document(tmp_path, tokenizer_dir, tok):
+    """A validation split whose first file is one long page: a prefix would evaluate on that page
+    alone; the spread selection draws from every part of the split, in proportion to its length."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_txt(folder / "train.txt", DOCS[:300])
+    long_page = " ".join(["the module layer rank"] * 400)
+    write_txt(folder / "valid.txt", [long_page] + DOCS[300:])
+    bundle = build_data(folder, seq_len=16, batch_size=2, tokenizer=tokenizer_dir, max_valid_tokens=16 * 24)
+    everything = pack(encode_documents(tok, [long_page] + DOCS[300:]), 16)
+    page_chunks = len(encode_documents(tok, [long_page])) // 16
+    assert len(everything) > 2 * page_chunks > 24  # the page is a minority of the split ...
+    page = {tuple(r) for r in everything[:page_chunks].tolist()}
+    from_page = sum(tuple(r) in page for r in bundle.valid.tolist())
+    assert from_page <= math.ceil(24 * page_chunks / len(everything)) + 1  # in proportion, not 24 of 24
+    last = bundle.description["valid_selection"]["last_chunk"]
+    assert last >= len(everything) - math.ceil(len(everything) / 24)  # the end of the split is represented
+    selection = bundle.description["valid_selection"]
+    assert (selection["chunks"], selection["of_chunks"], selection["tokens"]) == (24, len(everything), 24 * 16)
+    assert selection["sha1"] == hashlib.sha1(bundle.valid.numpy().tobytes()).hexdigest()
+    assert "strata" in selection["rule"]
 
 
 # ------------------------------------------------------------------ tokenizer

@@ -231,3 +231,41 @@ def test_bad_arguments(kwargs, message):
     options = {"rank": R, **kwargs}
     with pytest.raises(ValueError, match=message):
         LowRankLinear(N, M, options.pop("rank"), **options)
+
+
+def test_sltrain_init_follows_the_reference():
+    """SLTrain's released code: A Kaiming-uniform, B = 0, S ~ U(±1/√n) on its support."""
+    from lowrank.methods import apply_method, load_method
+    from tiny_models import build
+
+    model = apply_method(build("llama"), load_method("sltrain", {"lowrank.rank": 4}))
+    layers = list(model.modules())
+    for layer in (m for m in layers if isinstance(m, LowRankLinear)):
+        bound = 1.0 / layer.in_features**0.5
+        assert torch.count_nonzero(layer.B) == 0
+        assert layer.A.abs().max() <= bound and layer.A.std() > 0.4 * bound
+        values = layer.sparse_values.detach()
+        assert values.abs().max() <= bound and values.std() > 0.4 * bound  # U(±b) has std b/√3 ≈ 0.58 b
+    # a frozen base keeps the function: S starts at zero there
+    based = LowRankLinear(N, M, R, sparse_density=0.05, keep_base=True, weight=torch.randn(M, N))
+    assert torch.count_nonzero(based.sparse_values) == 0
+    seeded = [LowRankLinear(N, M, R, sparse_density=0.05, seed=s).sparse_values for s in (1, 1, 2)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
+
+
+@pytest.mark.parametrize("mode", ["relora", "base_and_sparse"])
+def test_float64_layers_keep_their_precision(mode):
+    """merge() and dense_weight() work in the layer's dtype: fp64 stays exact to fp64 rounding."""
+    layer = make(mode, dtype=torch.float64)
+    with torch.no_grad():
+        layer.B.normal_()
+    expected = layer.base_weight + layer.scale * (layer.B @ layer.A)
+    if layer.sparse_values is not None:
+        sparse = torch.zeros(M * N, dtype=torch.float64)
+        sparse[layer.sparse_indices.long()] = layer.sparse_values.detach()
+        expected = expected + sparse.view(M, N)
+    assert layer.dense_weight().dtype == torch.float64
+    torch.testing.assert_close(layer.dense_weight(), expected, rtol=1e-13, atol=1e-13)
+    before = layer.dense_weight()
+    layer.merge()
+    torch.testing.assert_close(layer.dense_weight(), before, rtol=1e-13, atol=1e-13)

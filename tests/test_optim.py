@@ -342,6 +342,28 @@ def test_spam_clip_matches_formula():
     assert clipped_any
 
 
+def test_spam_clip_does_not_freeze_entries_first_seen_late():
+    """A Zipf-distributed token stream: most embedding rows get their first gradient after the
+    spike clip's skip window. Every row that ever received a gradient must have moved."""
+    torch.manual_seed(0)
+    vocab, dim, steps = 2000, 8, 200
+    embedding = torch.nn.Embedding(vocab, dim)
+    start = embedding.weight.detach().clone()
+    opt = ProjectedAdamW(embedding.parameters(), lr=1e-3, spike_threshold=5000.0, spike_skip_steps=20)
+    zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    first_seen = torch.full((vocab,), -1)
+    for step in range(steps):
+        tokens = torch.multinomial(zipf, 64, replacement=True)
+        first_seen[tokens[first_seen[tokens] < 0]] = step
+        embedding(tokens).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    late = first_seen >= 20
+    assert int(late.sum()) > 100
+    moved = (embedding.weight.detach() - start).abs().sum(dim=1) > 0
+    assert bool(moved[late].all()), f"{int((~moved[late]).sum())} of {int(late.sum())} late rows never trained"
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 def test_reset_warmup_matches_formula_and_reset_step_keeps_gradient(foreach):
     torch.manual_seed(0)

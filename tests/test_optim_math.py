@@ -51,6 +51,14 @@ def test_spam_clip_formula():
     assert not torch.equal(spam_clip(g, v, 50.0), g)
 
 
+def test_spam_clip_leaves_entries_without_history_alone():
+    """v_{t-1} = 0: the entry has never had a gradient; clipping to sqrt(θ·0) = 0 would freeze it."""
+    g = torch.tensor([3.0, -2.0, 5.0, -7.0])
+    v = torch.tensor([0.0, 0.0, 1e-4, 1e-4])
+    bound = (50.0 * 1e-4) ** 0.5
+    torch.testing.assert_close(spam_clip(g, v, 50.0), torch.tensor([3.0, -2.0, bound, -bound]))
+
+
 def test_reset_warmup_factor_endpoints_and_shape():
     assert reset_warmup_factor(0, 10) == 0.01
     assert reset_warmup_factor(10, 10) == 1.0 and reset_warmup_factor(99, 10) == 1.0

@@ -47,6 +47,32 @@ def test_jagged_cosine_formula():
 
 
 @pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
+def test_factor_reset_without_an_event_zeroes_only_the_factor_moments(optimizer_cls):
+    """reset='factors', event='none': the ablation's "momentum reset only" leaves weights as they are."""
+    model = lowrank.wrap(build("llama"), LowRankConfig(rank=4)).train()
+    optimizer = optimizer_cls(model.parameters(), lr=1e-3)
+    controller = RestartController(model, optimizer, total_steps=20, cycle_length=3, event="none", reset="factors")
+    ids = tokens(2, 16)
+    factors = [p for layer in lowrank.lowrank_layers(model).values() for p in (layer.A, layer.B)]
+    others = [p for p in model.parameters() if all(p is not f for f in factors)]
+    train_steps(model, optimizer, controller, 2, ids)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = [[m.clone() for m in moments(optimizer, p)] for p in others]
+    event = controller.step()
+    assert event is not None and event.event == "none" and event.reset_params == len(factors)
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    for p in factors:
+        assert all(torch.count_nonzero(m) == 0 for m in moments(optimizer, p))
+    for p, saved in zip(others, before):
+        assert all(torch.equal(a, b) for a, b in zip(moments(optimizer, p), saved))
+    with pytest.raises(ValueError, match="reset='factors' needs a wrapped model"):
+        RestartController(build("llama"), optimizer, total_steps=5, cycle_length=2, event="none", reset="factors")
+
+
+@pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
 def test_refactorize_event_resets_exactly_the_factors(optimizer_cls):
     model = lowrank.wrap(build("llama"), LowRankConfig(rank=4)).train()
     optimizer = optimizer_cls(model.parameters(), lr=1e-3)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank import cli
-from lowrank.methods import available_methods
+from lowrank.methods import available_methods, load_method
 from lowrank.train import TrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ SHORT_CYCLES = {"restarts.cycle_length": 4, "restarts.rewarmup_steps": 1}
 
 @pytest.mark.parametrize("method", available_methods())
 def test_every_preset_learns(method, corpus, tmp_path):
-    overrides = dict(SHORT_CYCLES) if method in {"low_rank_restarts", "relora", "spam", "stable_spam", "lowrank_sparse"} else {}
+    overrides = dict(SHORT_CYCLES) if load_method(method).restarts else {}
     if method == "relora":
         overrides["lowrank.warm_start_steps"] = 2  # also exercises the dense → low-rank hand-over
     if method == "spam":  # its 150-step post-reset ramp, scaled to the 4-step test cycle
@@ -53,7 +53,8 @@ def test_every_preset_learns(method, corpus, tmp_path):
     events = [r for r in records if "event" in r]
     if overrides:
         assert [r["step"] for r in events] == [4, 8, 12]
-        expected = {"low_rank_restarts": "refactorize", "lowrank_sparse": "refactorize", "relora": "merge"}.get(method, "none")
+        expected = {"low_rank_restarts": "refactorize", "lowrank_sparse": "refactorize", "low_rank_refactorize": "refactorize",
+                    "relora": "merge"}.get(method, "none")
         assert {r["event"] for r in events} == {expected}
     else:
         assert events == []

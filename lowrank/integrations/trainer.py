@@ -95,6 +95,8 @@ def _check_model(model: nn.Module, method: Method, who: str) -> None:
         why = "trains low-rank factors (it has a lowrank section)"
     elif restarts.get("cycle_length") and (event in ("refactorize", "merge") or (event == "auto" and reset == "changed")):
         why = f"runs restarts.event={event!r}, which acts on LowRankLinear layers"
+    elif restarts.get("cycle_length") and reset == "factors":
+        why = "runs restarts.reset='factors', which resets the moments of LowRankLinear factors"
     else:
         return  # a dense method (e.g. SPAM's periodic reset of every moment) is fine on a dense model
     raise ValueError(

@@ -15,12 +15,16 @@ def spam_clip(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) ->
     """SPAM spike-aware clipping: where ``g² > θ·v`` replace ``g`` by ``sign(g)·sqrt(θ·v)``.
 
     ``exp_avg_sq`` is Adam's second moment *before* this step's update (``v_{t-1}``), without bias
-    correction, as in the paper. Callers skip this while ``v`` is still near zero after a reset,
-    otherwise every entry would count as a spike.
+    correction, as in the paper. Entries with ``v_{t-1} = 0`` are passed through unclipped: they
+    have never seen a gradient, so there is no history to call this one a spike against, and a
+    bound of ``sqrt(θ·0) = 0`` would zero the gradient and freeze the entry for good (an embedding
+    row first used after the skip window would never train; the published SPAM code and
+    pytorch-optimizer's ``SPAM`` have this fault). Callers also skip the whole clip for a few steps
+    after a reset, while every ``v`` is still near zero.
     """
     # |g| > sqrt(θv) is g² > θv, and sign(g)·sqrt(θv) is then the nearer bound, so the rule is a
-    # clamp to ±sqrt(θv): three passes over the tensor instead of seven.
-    bound = (threshold * exp_avg_sq).sqrt_()
+    # clamp to ±sqrt(θv). Where v = 0 the bound is +inf: no clipping.
+    bound = (threshold * exp_avg_sq).sqrt_().masked_fill_(exp_avg_sq == 0, float("inf"))
     return torch.clamp(grad, min=-bound, max=bound)
 
 

@@ -1,0 +1,160 @@
+"""What the comparison runs: suites (model, data shape, budget, event clock, sweep plan) and
+contenders (our presets, or a peer optimizer through its own package).
+
+Data only; ``plan.py`` decides which runs a suite needs and ``compare.py`` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Suite", "Contender", "SUITES", "CONTENDERS", "PLAN_FIELDS"]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark configuration.
+
+    Training: ``model``, ``vocab_size`` (BPE trained on the corpus), ``seq_len``, ``batch_size``,
+    ``grad_accum``, ``steps``; evaluation every ``eval_every`` steps on ``eval_tokens`` tokens
+    spread over the validation split; every periodic event (refactorization, merge, SPAM reset,
+    projector refresh) every ``cycle`` steps, factors and projections at ``rank``.
+
+    Plan (``PLAN_FIELDS``; they choose runs and are not part of any run's settings):
+
+    * ``contenders``: the default contender list.
+    * ``sweep``: learning-rate factors around each contender's published (or preset) value;
+      ``sweep_all`` sweeps every contender, otherwise only those marked ``sweep=True``.
+      When the best lies at an edge the grid grows by one point beyond it (up to ``max_extend``
+      times per side).
+    * ``ratio_sweep``: ``optimizer.matrix_lr_ratio`` values tried at the best learning rate for
+      the low-rank family (presets with a ``lowrank`` section), extended at an edge the same way.
+    * ``seeds``: the first is the sweep seed; the best setting of every contender is re-run
+      with the others.
+    * ``ablation``: contenders run at ``ablation_base``'s best setting (learning rate and ratio),
+      with the same seeds.
+
+    ``warm_start_fraction``: ReLoRA-style presets (a frozen base) train the dense model for this
+    fraction of the steps first, as ReLoRA's paper does. ``save_every``: checkpoint interval, so
+    an interrupted run continues from its last checkpoint.
+    """
+
+    model: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    cycle: int
+    rank: int
+    eval_every: int
+    eval_tokens: int
+    device: str
+    precision: str
+    grad_accum: int = 1
+    warm_start_fraction: float = 0.0
+    save_every: int = 0
+    note: str = ""
+    contenders: tuple[str, ...] = ()
+    sweep: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sweep_all: bool = False
+    max_extend: int = 1
+    ratio_sweep: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    ablation: tuple[str, ...] = ()
+    ablation_base: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len * self.grad_accum
+
+
+PLAN_FIELDS = ("note", "contenders", "sweep", "sweep_all", "max_extend", "ratio_sweep", "seeds", "ablation", "ablation_base",
+               "save_every")
+"""Suite fields that decide which runs exist, not how one run trains."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A preset of ours, or a peer optimizer on the dense model (``preset="full_rank"``).
+
+    ``lr``: the published value the sweep centres on (``None``: the preset's own). ``sweep``:
+    swept even in suites that sweep only some contenders. ``cycle``: this contender's own event
+    period instead of the suite's (the ablation's period variants).
+    """
+
+    preset: str
+    peer: str | None = None
+    lr: float | None = None
+    sweep: bool = False
+    peer_scale: float | None = None
+    cycle: int | None = None
+    source: str = ""
+
+
+CONTENDERS = {
+    "adamw": Contender("full_rank", peer="adamw", lr=1e-3, source="GaLore paper, full-rank 60M"),
+    "galore-torch": Contender("full_rank", peer="galore-torch", lr=1e-2, peer_scale=0.25, source="GaLore paper, 60M"),
+    "fira": Contender("full_rank", peer="fira", lr=1e-2, peer_scale=0.25, source="Fira paper, 60M"),
+    "apollo-torch": Contender("full_rank", peer="apollo-torch", lr=1e-2, peer_scale=1.0, source="APOLLO paper, 60M"),
+    "adamw8bit": Contender("full_rank", peer="adamw8bit", lr=1e-3, source="AdamW's (8-bit Adam is a drop-in)"),
+    "adam-mini": Contender("full_rank", peer="adam-mini", lr=1e-3, source="AdamW's (Adam-mini recommends AdamW's lr)"),
+    "low_rank": Contender("low_rank", lr=1.5e-3, source="benchmark paper script"),
+    "low_rank_restarts": Contender("low_rank_restarts", lr=1.5e-3, source="benchmark paper"),
+    "relora": Contender("relora", lr=1e-3, source="ReLoRA paper"),
+    "sltrain": Contender("sltrain", lr=3e-3, source="SLTrain paper"),
+    "galore": Contender("galore", lr=1e-2, source="GaLore paper (our implementation)"),
+    "spam": Contender("spam", lr=1e-3, source="SPAM paper"),
+    "lowrank_sparse": Contender("lowrank_sparse", lr=1.5e-3, sweep=True, source="ours: no published value, swept"),
+    # The benchmark paper's ablation (section 5): each technique alone, and the combination at
+    # other periods. Run at low_rank's best setting so that only the technique differs.
+    "low_rank_refactorize": Contender("low_rank_refactorize", lr=1.5e-3, source="ablation: refactorization only"),
+    "low_rank_reset": Contender("low_rank_reset", lr=1.5e-3, source="ablation: momentum reset only"),
+    "low_rank_restarts@100": Contender("low_rank_restarts", lr=1.5e-3, cycle=100, source="ablation: period 100"),
+    "low_rank_restarts@400": Contender("low_rank_restarts", lr=1.5e-3, cycle=400, source="ablation: period 400"),
+}
+
+_CPU_SMALL_CONTENDERS = ("adamw", "galore-torch", "fira", "apollo-torch", "adamw8bit", "adam-mini", "low_rank",
+                         "low_rank_restarts", "relora", "sltrain", "galore", "spam", "lowrank_sparse")
+
+SUITES = {
+    # Seconds per contender: exercises every code path (tests use it), measures nothing.
+    "smoke": Suite(model="tiny", vocab_size=512, seq_len=32, batch_size=4, steps=8, cycle=4, rank=8,
+                   eval_every=4, eval_tokens=1024, device="cpu", precision="fp32", note="tiny model, smoke test only",
+                   contenders=_CPU_SMALL_CONTENDERS),
+    # ~17M parameters (LLaMA-35M shape, vocabulary 8192): 160 steps × 1024 tokens per contender,
+    # 15 runs in about 45 minutes on 2 CPU cores. Early training only: the quick check.
+    "cpu-small": Suite(model="llama_35m", vocab_size=8192, seq_len=128, batch_size=8, steps=160, cycle=40, rank=96,
+                       eval_every=40, eval_tokens=16384, device="cpu", precision="fp32",
+                       note="LLaMA-35M shape (hidden 384, 6 layers) with an 8192-token BPE: 16.9M parameters",
+                       contenders=_CPU_SMALL_CONTENDERS),
+    # The evidence suite: 2,000 steps and 2.05M tokens per run, events every 200 steps as published,
+    # every contender swept, the low-rank family's factor/dense lr ratio swept, 3 seeds of each best,
+    # and the benchmark paper's ablation. LLaMA-20M shape with a 4096-token BPE: 5.3M parameters, of
+    # which 3.2M are in the decoder layers and 2.1M in the embedding and head (the 130M+ models'
+    # proportion); rank 64 = hidden / 4, the papers' r/d. One thread per run: ~12 min for AdamW,
+    # ~8 for low-rank on this machine's cores.
+    "cpu-long": Suite(model="llama_20m", vocab_size=4096, seq_len=128, batch_size=8, steps=2000, cycle=200, rank=64,
+                      eval_every=200, eval_tokens=65536, device="cpu", precision="fp32", warm_start_fraction=0.25,
+                      save_every=250,
+                      note="LLaMA-20M shape (hidden 256, 4 layers) with a 4096-token BPE: 5.3M parameters, 3.2M of them in "
+                           "the decoder layers",
+                      contenders=("adamw", "galore-torch", "fira", "low_rank", "low_rank_restarts", "lowrank_sparse", "relora",
+                                  "sltrain"),
+                      sweep_all=True, ratio_sweep=(0.5, 2.0), seeds=(0, 1, 2),
+                      ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
+                                "low_rank_restarts@400"),
+                      ablation_base="low_rank"),
+    # The papers' 60M shape on one lent GPU, sized to one command under 8 minutes: 5 contenders,
+    # 600 steps × 16k tokens (9.8M tokens) each, bf16 autocast. `benchmarks/gpu_quick.sh` runs it.
+    "gpu-60m-quick": Suite(model="llama_60m", vocab_size=32000, seq_len=256, batch_size=64, steps=600, cycle=200, rank=128,
+                           eval_every=200, eval_tokens=262_144, device="cuda", precision="bf16-mixed",
+                           note="GaLore's LLaMA-60M; 9.8M tokens per contender",
+                           contenders=("adamw", "galore-torch", "fira", "low_rank_restarts", "lowrank_sparse")),
+    # The papers' shapes for one GPU (bf16 autocast), about 10 minutes per contender on an H100.
+    "gpu-60m": Suite(model="llama_60m", vocab_size=32000, seq_len=256, batch_size=128, steps=2000, cycle=200, rank=128,
+                     eval_every=200, eval_tokens=1_000_000, device="cuda", precision="bf16-mixed",
+                     note="GaLore's LLaMA-60M; 65.5M tokens per contender", contenders=_CPU_SMALL_CONTENDERS),
+    "gpu-130m": Suite(model="llama_130m", vocab_size=32000, seq_len=256, batch_size=128, steps=2000, cycle=200, rank=256,
+                      eval_every=200, eval_tokens=1_000_000, device="cuda", precision="bf16-mixed",
+                      note="GaLore's LLaMA-130M; 65.5M tokens per contender", contenders=_CPU_SMALL_CONTENDERS),
+}
