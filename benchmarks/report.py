@@ -1,13 +1,16 @@
-"""Turn a suite's result file into the README table and two plots.
+"""Turn a suite's result file into the README block: settings, table, sweeps, ablation, the
+targets and the evidence checked against the numbers, and two plots.
 
-    python benchmarks/report.py --suite cpu-small [--readme README.md] [--docs docs]
+    python benchmarks/report.py --suite cpu-long [--readme README.md] [--docs docs]
 
-Reads ``benchmarks/results/<suite>.json`` (written by ``compare.py``), prints a markdown table
-(validation perplexity, tokens/s, optimizer-state and parameter+gradient+state memory, peak
-memory, each also as a ratio to full-rank AdamW), replaces the README block between
-``<!-- bench:<suite> -->`` and ``<!-- /bench:<suite> -->`` with it, and writes
-``docs/<suite>_val_ppl.png`` (validation perplexity against tokens, every contender) and
-``docs/<suite>_memory_vs_ppl.png`` (memory against perplexity).
+Reads ``benchmarks/results/<suite>.json`` (written by ``compare.py``), replaces the README block
+between ``<!-- bench:<suite> -->`` and ``<!-- /bench:<suite> -->`` with what it renders, and
+writes ``docs/<suite>_val_ppl.png`` (validation perplexity against tokens, every contender at its
+best setting) and ``docs/<suite>_memory_vs_ppl.png`` (memory against perplexity).
+
+Where a contender was run with several seeds, its perplexity is shown as the mean with the
+min–max range, and comparisons use the mean; a claim counts as decided only when the two
+ranges do not overlap.
 """
 
 from __future__ import annotations
@@ -34,42 +37,161 @@ def _ratio(value: float, base: float | None) -> str:
 
 
 def completed(combined: dict) -> dict[str, dict]:
-    """The suite's runs that finished, by contender name (failed runs carry only their exit code)."""
+    """The suite's contenders with a finished best run, by name (all-diverged ones left out)."""
     return {name: r for name, r in combined["results"].items() if not r.get("failed")}
 
 
+def ppl(record: dict) -> float:
+    """The perplexity comparisons use: the mean over seeds where there are several."""
+    seeds = record.get("over_seeds") or {}
+    return seeds["mean"] if len(seeds.get("val_ppl", [])) > 1 and "mean" in seeds else record["val_ppl"]
+
+
+def spread(record: dict) -> tuple[float, float]:
+    """(min, max) over seeds, or the single value twice."""
+    seeds = record.get("over_seeds") or {}
+    if len(seeds.get("val_ppl", [])) > 1 and "min" in seeds:
+        return seeds["min"], seeds["max"]
+    return record["val_ppl"], record["val_ppl"]
+
+
+def ppl_text(record: dict) -> str:
+    low, high = spread(record)
+    return f"{ppl(record):.2f}" + (f" ({low:.2f}–{high:.2f})" if high > low else "")
+
+
+def _has_ratio(results: dict[str, dict]) -> bool:
+    return any(r.get("matrix_lr_ratio") not in (None, 1.0) for r in results.values()) or any(
+        t.get("matrix_lr_ratio") not in (None, 1.0) for r in results.values() for t in r.get("sweep", []))
+
+
 def table(combined: dict) -> str:
-    """Markdown table of a suite, best first by validation perplexity."""
+    """Markdown table of a suite, best first by (mean) validation perplexity."""
     results = completed(combined)
     base = results.get(BASELINE)
-    rows = sorted(results.values(), key=lambda r: r["val_ppl"])
-    lines = [
-        "| contender | kind | lr | val ppl | tokens/s | optimizer state MiB | params+grads+state MiB | peak memory MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| `{r['contender']}` | {r['kind']} | {r['lr']:g} "
-            f"| {r['val_ppl']:.2f}{_ratio(r['val_ppl'], base and base['val_ppl'])} "
-            f"| {r['tokens_per_s']:,.0f}{_ratio(r['tokens_per_s'], base and base['tokens_per_s'])} "
-            f"| {_mib(r['optimizer_state_bytes'])}{_ratio(r['optimizer_state_bytes'], base and base['optimizer_state_bytes'])} "
-            f"| {_mib(r['model_state_bytes'])}{_ratio(r['model_state_bytes'], base and base['model_state_bytes'])} "
-            f"| {_mib(r['peak_memory_bytes'])}{_ratio(r['peak_memory_bytes'], base and base['peak_memory_bytes'])} |"
-        )
+    ratio_column = _has_ratio(results)
+    multi_seed = any(len((r.get("over_seeds") or {}).get("val_ppl", [])) > 1 for r in results.values())
+    ppl_header = "val ppl, mean (min–max) over seeds" if multi_seed else "val ppl"
+    header = ["contender", "kind", "lr"] + (["factor lr ratio"] if ratio_column else []) + [
+        ppl_header, "tokens/s", "optimizer state MiB", "params+grads+state MiB", "peak memory MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    for r in sorted(results.values(), key=ppl):
+        cells = [f"`{r['contender']}`", r["kind"], f"{r['lr']:g}"]
+        if ratio_column:
+            cells.append("—" if r.get("matrix_lr_ratio") is None else f"{r['matrix_lr_ratio']:g}")
+        cells += [
+            f"{ppl_text(r)}{_ratio(ppl(r), base and ppl(base))}",
+            f"{r['tokens_per_s']:,.0f}{_ratio(r['tokens_per_s'], base and base['tokens_per_s'])}",
+            f"{_mib(r['optimizer_state_bytes'])}{_ratio(r['optimizer_state_bytes'], base and base['optimizer_state_bytes'])}",
+            f"{_mib(r['model_state_bytes'])}{_ratio(r['model_state_bytes'], base and base['model_state_bytes'])}",
+            f"{_mib(r['peak_memory_bytes'])}{_ratio(r['peak_memory_bytes'], base and base['peak_memory_bytes'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     failed = [name for name, r in combined["results"].items() if r.get("failed")]
     if failed:
-        lines.append(f"\nFailed runs: {', '.join(failed)}.")
+        lines.append(f"\nDiverged at every setting tried: {', '.join(failed)}.")
     return "\n".join(lines)
 
 
+def _point(t: dict) -> str:
+    value = "diverged" if t.get("failed") or t.get("val_ppl") is None else f"{t['val_ppl']:.2f}"
+    ratio = t.get("matrix_lr_ratio")
+    where = f"{t['lr']:g}" + (f" ×{ratio:g}" if ratio not in (None, 1.0) else "")
+    return f"{where} → {value}"
+
+
 def sweep_lines(combined: dict) -> list[str]:
-    """One line per swept contender: every learning rate tried and its perplexity."""
-    lines = []
-    for name, tries in combined.get("sweeps", {}).items():
-        parts = ", ".join(f"{t['lr']:g} → {t['val_ppl']:.2f}" if t.get("val_ppl") is not None else f"{t['lr']:g} → failed"
-                          for t in tries)
-        lines.append(f"Learning-rate sweep for `{name}` (no published value; the best is in the table): {parts}.")
+    """One line per swept contender: every (lr, factor lr ratio) tried at the first seed."""
+    sweeps = combined.get("sweeps", {})
+    if not sweeps:
+        return []
+    lines = ["Sweeps (first seed; `lr ×k` = factor lr ratio k; the best of each is in the table):"]
+    for name, tries in sweeps.items():
+        lines.append(f"- `{name}`: " + ", ".join(_point(t) for t in tries) + ".")
     return lines
+
+
+def ablation_table(combined: dict) -> list[str]:
+    """The benchmark paper's ablation at the base contender's best setting."""
+    ablation = combined.get("ablation") or {}
+    rows = {name: r for name, r in (ablation.get("rows") or {}).items() if r.get("complete") and not r.get("failed")}
+    base = combined["results"].get(ablation.get("base") or "")
+    if not rows or base is None:
+        return []
+    setting = f"lr {base['lr']:g}" + (f", factor lr ratio {base['matrix_lr_ratio']:g}" if base.get("matrix_lr_ratio") else "")
+    lines = [f"Ablation at `{ablation['base']}`'s best setting ({setting}):", "",
+             "| variant | refactorization | momentum reset | period | val ppl | vs `" + ablation["base"] + "` |",
+             "|---|:-:|:-:|---:|---:|---:|"]
+    what = {
+        ablation["base"]: ("", "", "—"),
+        "low_rank_refactorize": ("✓", "", "200"),
+        "low_rank_reset": ("", "✓", "200"),
+        "low_rank_restarts": ("✓", "✓", "200"),
+        "low_rank_restarts@100": ("✓", "✓", "100"),
+        "low_rank_restarts@400": ("✓", "✓", "400"),
+    }
+    for name, r in [(ablation["base"], base), *rows.items()]:
+        refactor, reset, period = what.get(name, ("?", "?", "?"))
+        delta = (ppl(r) / ppl(base) - 1) * 100
+        lines.append(f"| `{name}` | {refactor} | {reset} | {period} | {ppl_text(r)} | {delta:+.1f} % |")
+    return lines
+
+
+def _seeds(record: dict) -> int:
+    return len((record.get("over_seeds") or {}).get("val_ppl", [])) or 1
+
+
+def compare_claim(a: dict, b: dict) -> str:
+    """``holds`` when ``a`` is better than ``b`` with separated seed ranges, ``does not hold``
+    when worse with separated ranges, otherwise ``not decided`` (also with a single seed, where
+    the noise is unknown)."""
+    if min(_seeds(a), _seeds(b)) < 2:
+        direction = "ahead" if ppl(a) < ppl(b) else "behind"
+        return f"not decided (one seed; {abs(ppl(a) / ppl(b) - 1) * 100:.1f} % {direction})"
+    a_low, a_high = spread(a)
+    b_low, b_high = spread(b)
+    if a_high < b_low:
+        return "holds"
+    if a_low > b_high:
+        return "does not hold"
+    return "not decided (seed ranges overlap)"
+
+
+def evidence(combined: dict) -> list[str]:
+    """The seed papers' claims this suite can test, each judged from its own numbers."""
+    results = completed(combined)
+    lines = []
+
+    def name_ppl(name):
+        r = results[name]
+        return f"`{name}` {ppl_text(r)}"
+
+    if {"low_rank", "low_rank_restarts"} <= results.keys():
+        verdict = compare_claim(results["low_rank_restarts"], results["low_rank"])
+        lines.append(f"- Refactorization + momentum reset beats plain low-rank (arXiv 2505.22922): **{verdict}** — "
+                     f"{name_ppl('low_rank_restarts')} vs {name_ppl('low_rank')}.")
+    peers = [p for p in ("galore-torch", "fira") if p in results]
+    if "low_rank_restarts" in results and peers:
+        ours = results["low_rank_restarts"]
+        parts = []
+        for peer in peers:
+            verdict = compare_claim(ours, results[peer])
+            memory = ours["model_state_bytes"] < results[peer]["model_state_bytes"]
+            parts.append(f"vs `{peer}` {ppl_text(results[peer])}: **{verdict}**, at "
+                         f"{'less' if memory else 'more'} memory ({_mib(ours['model_state_bytes'])} vs "
+                         f"{_mib(results[peer]['model_state_bytes'])} MiB)")
+        lines.append(f"- `low_rank_restarts` beats GaLore and Fira at less memory: " + "; ".join(parts) + ".")
+    if BASELINE in results and len(results) > 1:
+        others = {n: r for n, r in results.items() if n != BASELINE}
+        best_other = min(others, key=lambda n: ppl(others[n]))
+        verdict = compare_claim(results[BASELINE], others[best_other])
+        lines.append(f"- Full-rank training remains best: **{verdict}** — {name_ppl(BASELINE)} vs the best other, "
+                     f"{name_ppl(best_other)}.")
+    for name in ("spam", "stable_spam"):
+        if name in results and BASELINE in results:
+            lines.append(f"- {name} beats AdamW: **{compare_claim(results[name], results[BASELINE])}** — "
+                         f"{name_ppl(name)} vs {name_ppl(BASELINE)}.")
+    return ["What these numbers say about the seed papers' claims:", *lines] if lines else []
 
 
 def targets(combined: dict) -> list[str]:
@@ -83,18 +205,18 @@ def targets(combined: dict) -> list[str]:
     ours = [r for r in results.values() if r["kind"] == "ours" and (base is None or r["model_state_bytes"] < base["model_state_bytes"])]
     if not ours:
         return []
-    best = min(ours, key=lambda r: r["val_ppl"])
+    best = min(ours, key=ppl)
     mark = {True: "met", False: "**not met**"}
     lines = [f"Our best memory-efficient contender here is `{best['contender']}` "
-             f"(val ppl {best['val_ppl']:.2f}, {_mib(best['model_state_bytes'])} MiB parameters + gradients + state)."]
+             f"(val ppl {ppl(best):.2f}, {_mib(best['model_state_bytes'])} MiB parameters + gradients + state)."]
     for peer in ("galore-torch", "fira"):
         if peer in results:
             r = results[peer]
-            lines.append(f"- vs `{peer}`: perplexity {best['val_ppl']:.2f} vs {r['val_ppl']:.2f} "
-                         f"({mark[best['val_ppl'] <= r['val_ppl']]}), model-state memory {_mib(best['model_state_bytes'])} vs "
+            lines.append(f"- vs `{peer}`: perplexity {ppl(best):.2f} vs {ppl(r):.2f} "
+                         f"({mark[ppl(best) <= ppl(r)]}), model-state memory {_mib(best['model_state_bytes'])} vs "
                          f"{_mib(r['model_state_bytes'])} MiB ({mark[best['model_state_bytes'] < r['model_state_bytes']]}).")
     if base is not None:
-        ratio = best["val_ppl"] / base["val_ppl"]
+        ratio = ppl(best) / ppl(base)
         lines.append(f"- within 10 % of full-rank AdamW's perplexity: {ratio:.3f}× ({mark[ratio <= 1.10]}).")
         for name in ("low_rank", "low_rank_restarts"):
             if name in results:
@@ -106,11 +228,16 @@ def targets(combined: dict) -> list[str]:
 
 def settings_line(combined: dict) -> str:
     s, machine = combined["settings"], combined["machine"]
-    device = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores, {machine['torch_threads']} threads)"
+    device = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores)"
+    runs = f"{machine['jobs']} runs side by side, {machine['threads_per_run']} thread each" if "jobs" in machine else \
+        f"{machine['torch_threads']} threads"
+    seeds = s.get("seeds", [s["seed"]])
+    seed_text = f"seeds {', '.join(map(str, seeds))} (sweeps at seed {seeds[0]})" if len(seeds) > 1 else f"seed {s['seed']}"
+    state = "" if combined.get("complete", True) else f" **Incomplete: {len(combined['pending'])} runs still to run.**"
     return (
         f"{s['note']}; {s['tokens_per_contender']:,} tokens each ({s['steps']} steps of {s['batch_size']}×{s['seq_len']}), "
-        f"seed {s['seed']}, rank {s['rank']}, every periodic event every {s['cycle']} steps, {s['precision']} on {device}, "
-        f"torch {machine['torch']}; whole suite {combined['wall_seconds'] / 60:.0f} min."
+        f"{seed_text}, rank {s['rank']}, every periodic event every {s['cycle']} steps, {s['precision']} on {device}, "
+        f"{runs}, torch {machine['torch']}; {combined['wall_seconds'] / 60:.0f} min of runs in all.{state}"
     )
 
 
@@ -127,7 +254,7 @@ def plot(combined: dict, docs: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    for i, (name, r) in enumerate(sorted(results.items(), key=lambda kv: kv[1]["val_ppl"])):
+    for i, (name, r) in enumerate(sorted(results.items(), key=lambda kv: ppl(kv[1]))):
         curve = r["val_curve"]
         style = "-" if r["kind"] == "ours" else "--"
         ax.plot([p["tokens"] for p in curve], [p["val_ppl"] for p in curve], style, marker="o", markersize=3,
@@ -135,7 +262,7 @@ def plot(combined: dict, docs: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity (log scale)")
-    ax.set_title(f"{suite}: validation perplexity (solid: lowrank presets, dashed: peer packages)")
+    ax.set_title(f"{suite}: validation perplexity at each best setting (solid: lowrank presets, dashed: peers)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -144,12 +271,15 @@ def plot(combined: dict, docs: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for i, (name, r) in enumerate(sorted(results.items(), key=lambda kv: kv[1]["val_ppl"])):
+    for i, (name, r) in enumerate(sorted(results.items(), key=lambda kv: ppl(kv[1]))):
         marker = "o" if r["kind"] == "ours" else "s"
-        ax.scatter(r["model_state_bytes"] / 2**20, r["val_ppl"], color=colors[i % len(colors)], marker=marker, s=60)
-        ax.annotate(name, (r["model_state_bytes"] / 2**20, r["val_ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        low, high = spread(r)
+        x = r["model_state_bytes"] / 2**20
+        ax.errorbar(x, ppl(r), yerr=[[ppl(r) - low], [high - ppl(r)]], color=colors[i % len(colors)], marker=marker,
+                    markersize=7, capsize=3)
+        ax.annotate(name, (x, ppl(r)), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("parameters + gradients + optimizer state (MiB)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (bars: min–max over seeds)")
     ax.set_title(f"{suite}: memory vs perplexity (lower left is better; circles: ours, squares: peers)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -160,19 +290,11 @@ def plot(combined: dict, docs: Path) -> list[Path]:
 
 
 def render_block(combined: dict, plots: list[Path]) -> str:
-    """The README block of a suite: settings, table, sweeps, targets and the two plots."""
-    return "\n".join([
-        settings_line(combined),
-        "",
-        table(combined),
-        "",
-        *sweep_lines(combined),
-        "",
-        *targets(combined),
-        "",
-        f"![validation perplexity against tokens]({plots[0]})",
-        f"![memory against perplexity]({plots[1]})",
-    ])
+    """The README block of a suite: settings, table, sweeps, ablation, targets, evidence, plots."""
+    sections = [[settings_line(combined)], [table(combined)], sweep_lines(combined), ablation_table(combined),
+                targets(combined), evidence(combined),
+                [f"![validation perplexity against tokens]({plots[0]})", f"![memory against perplexity]({plots[1]})"]]
+    return "\n\n".join("\n".join(section) for section in sections if section)
 
 
 def update_readme(readme: Path, suite: str, block: str) -> bool:

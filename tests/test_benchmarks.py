@@ -174,3 +174,30 @@ def test_suite_reuses_finished_runs_and_reruns_changed_settings(corpus, tmp_path
     assert changed.returncode == 0 and changed.stdout.count(" start ") == 2, changed.stdout
     record = json.loads((tmp_path / "results" / "smoke" / "low_rank-lr0.0015.json").read_text())
     assert [p["step"] for p in record["val_curve"]] == [2, 4, 6, 8]
+
+
+def _seeded(name, kind, values, state=100, **extra):
+    record = _record(name, kind, values[0], state)
+    record["over_seeds"] = {"val_ppl": list(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return record | {"optimizer_state_bytes": 1, "peak_memory_bytes": 1, "lr": 1e-3, "matrix_lr_ratio": None, **extra}
+
+
+def test_claims_are_decided_only_when_seed_ranges_separate():
+    results = {
+        "adamw": _seeded("adamw", "peer", [100, 101, 102], 400),
+        "low_rank": _seeded("low_rank", "ours", [110, 112, 111], 200, matrix_lr_ratio=1.0),
+        "low_rank_restarts": _seeded("low_rank_restarts", "ours", [105, 106, 107], 200, matrix_lr_ratio=1.0),
+        "galore-torch": _seeded("galore-torch", "peer", [106.5, 104, 109], 300),
+        "fira": _record("fira", "peer", 120.0, 300),
+    }
+    assert report.compare_claim(results["low_rank_restarts"], results["low_rank"]) == "holds"
+    assert report.compare_claim(results["low_rank"], results["low_rank_restarts"]) == "does not hold"
+    assert report.compare_claim(results["low_rank_restarts"], results["galore-torch"]).startswith("not decided (seed ranges")
+    assert report.compare_claim(results["low_rank_restarts"], results["fira"]).startswith("not decided (one seed")
+    lines = report.evidence({"results": results})
+    assert "plain low-rank (arXiv 2505.22922): **holds** — `low_rank_restarts` 106.00 (105.00–107.00)" in lines[1]
+    assert "Full-rank training remains best: **holds**" in lines[3]
+    combined = {"results": results, "ablation": {"base": "low_rank", "rows": {
+        "low_rank_reset": {**_seeded("low_rank_reset", "ours", [121, 121]), "complete": True}}}}
+    rows = report.ablation_table(combined)
+    assert rows[-1] == "| `low_rank_reset` |  | ✓ | 200 | 121.00 | +9.0 % |"
