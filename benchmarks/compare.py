@@ -58,24 +58,21 @@ def scaled_overrides(contender: Contender, suite: Suite) -> dict[str, Any]:
 
     method = load_method(contender.preset)
     cycle = contender.cycle or suite.cycle
-    overrides: dict[str, Any] = {}
-    if method.lowrank is not None:
-        overrides["lowrank.rank"] = suite.rank
-        if method.lowrank.get("keep_base") and suite.warm_start_fraction:
-            overrides["lowrank.warm_start_steps"] = round(suite.warm_start_fraction * suite.steps)
-    restarts = method.restarts or {}
-    if restarts.get("cycle_length"):
-        factor = cycle / restarts["cycle_length"]
+    overrides = method.shortcut_overrides(rank=suite.rank)  # the factors' and the projection's rank
+    overrides.pop("lowrank.rank_ratio", None)  # no preset sets one; keep the recorded overrides short
+    if method.lowrank is not None and method.lowrank.keep_base and suite.warm_start_fraction:
+        overrides["lowrank.warm_start_steps"] = round(suite.warm_start_fraction * suite.steps)
+    restarts = method.restarts
+    if restarts is not None:
+        factor = cycle / restarts.cycle_length
         overrides["restarts.cycle_length"] = cycle
-        if restarts.get("rewarmup_steps"):
-            overrides["restarts.rewarmup_steps"] = max(1, round(restarts["rewarmup_steps"] * factor))
+        if restarts.rewarmup_steps:
+            overrides["restarts.rewarmup_steps"] = max(1, round(restarts.rewarmup_steps * factor))
         for group in ("matrix", "other"):
-            warmup = (method.optimizer.get(group) or {}).get("reset_warmup")
+            warmup = getattr(method.optimizer, group).get("reset_warmup")
             if warmup:
                 overrides[f"optimizer.{group}.reset_warmup"] = max(1, round(warmup * factor))
-    matrix = method.optimizer.get("matrix") or {}
-    if matrix.get("projection"):
-        overrides["optimizer.matrix.rank"] = suite.rank
+    if method.optimizer.matrix.get("projection"):
         overrides["optimizer.matrix.update_proj_gap"] = cycle
     return overrides
 
@@ -91,16 +88,15 @@ def has_ratio(contender: Contender) -> bool:
 def base_lr(contender: Contender) -> float:
     from lowrank.methods import load_method
 
-    return contender.lr if contender.lr is not None else float(load_method(contender.preset).optimizer["lr"])
+    return contender.lr if contender.lr is not None else load_method(contender.preset).optimizer.lr
 
 
 def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dict[str, Any]:
     """Everything that determines a run's result: its hash names the result file's validity.
 
-    Holds the effective preset after every override (so editing a preset's YAML re-runs what it
-    changes) and the model config, besides the suite's training fields and the run's own lr,
-    ratio and seed."""
-    from lowrank.methods import load_method
+    Holds the preset as written with every override applied (so editing a preset's YAML re-runs
+    what it changes) and the model config, besides the suite's training fields and the run's own
+    lr, ratio and seed."""
     from lowrank.models import load_model_config
 
     contender = CONTENDERS[spec.contender]
@@ -108,7 +104,7 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
     overrides = scaled_overrides(contender, suite)
     if spec.ratio is not None:
         overrides["optimizer.matrix_lr_ratio"] = spec.ratio
-    method = load_method(contender.preset, {**overrides, "optimizer.lr": spec.lr}).to_dict()
+    method = preset_as_written(contender.preset, {**overrides, "optimizer.lr": spec.lr})
     return {
         "suite": suite_name,
         "training": training,
@@ -121,6 +117,31 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
         "method": method,
         "model_config": {k: v for k, v in load_model_config(suite.model).to_dict().items() if k != "transformers_version"},
         "data": data,
+    }
+
+
+def preset_as_written(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's YAML with the dotted ``overrides`` set, and the ``schedule`` / ``training``
+    sections completed with their defaults: what a run's settings hash covers. It depends on
+    what the preset says, not on how :class:`lowrank.methods.Method` represents it, so result
+    files stay valid across versions of the library."""
+    import yaml
+
+    from lowrank.methods.presets import _preset_path
+    from lowrank.methods.sections import ScheduleSection, TrainingSection, set_dotted
+
+    path = _preset_path(preset)
+    data = yaml.safe_load(path.read_text()) or {}
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value)
+    return {
+        "name": path.stem,
+        "description": str(data.get("description", "")).strip(),
+        "lowrank": data.get("lowrank"),
+        "optimizer": data["optimizer"],
+        "restarts": data.get("restarts"),
+        "schedule": {**ScheduleSection().to_dict(), **(data.get("schedule") or {})},
+        "training": {**TrainingSection().to_dict(), **(data.get("training") or {})},
     }
 
 
@@ -149,8 +170,8 @@ def run_one(settings: dict[str, Any], out_json: Path, work: Path) -> None:
 
         def factory(model, method):
             options = method.optimizer
-            return build_peer(contender.peer, model, lr=float(options["lr"]), betas=tuple(options.get("betas", (0.9, 0.999))),
-                              weight_decay=float(options.get("weight_decay", 0.0)), rank=suite.rank,
+            return build_peer(contender.peer, model, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay,
+                              rank=suite.rank,
                               update_proj_gap=contender.cycle or suite.cycle, scale=contender.peer_scale or 0.25)
 
     run_dir = work / settings["suite"] / out_json.stem

@@ -25,10 +25,23 @@ from torch import nn
 
 from .wrap import lowrank_layers
 
-__all__ = ["RestartController", "jagged_cosine", "reset_optimizer_momentum", "EVENTS", "RESETS"]
+__all__ = [
+    "RestartController",
+    "RestartEvent",
+    "jagged_cosine",
+    "reset_optimizer_momentum",
+    "EVENTS",
+    "RESETS",
+    "DEFAULT_EVENT",
+    "DEFAULT_RESET",
+    "DEFAULT_MIN_LR_RATIO",
+]
 
 EVENTS = ("auto", "refactorize", "merge", "none")
 RESETS = ("changed", "factors", "all", "none")
+DEFAULT_EVENT = "auto"
+DEFAULT_RESET = "changed"
+DEFAULT_MIN_LR_RATIO = 0.1
 
 
 def jagged_cosine(
@@ -36,7 +49,7 @@ def jagged_cosine(
     *,
     total_steps: int,
     warmup_steps: int = 0,
-    min_lr_ratio: float = 0.1,
+    min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
     cycle_length: int | None = None,
     rewarmup_steps: int = 0,
 ) -> float:
@@ -134,6 +147,12 @@ class RestartController:
         min_lr_ratio: floor of the cosine, as a fraction of the base learning rate.
         manage_lr: set the learning rate of the parameter groups (turn off when an external
             scheduler owns it and uses :meth:`lr_lambda`).
+        start_step: where the clock starts (a training phase that begins mid-run, e.g. after
+            a dense warm start); ``load_state_dict`` sets it on resume.
+
+    The clock, ``num_steps``, counts optimizer steps done: the run's step. (It is not the
+    optimizer's own per-parameter counts: ProjectedAdamW's ``step`` is Adam's bias-correction
+    count since that parameter's last reset, its ``total_step`` the parameter's steps overall.)
     """
 
     def __init__(
@@ -143,12 +162,13 @@ class RestartController:
         *,
         total_steps: int,
         cycle_length: int | None = 200,
-        event: str = "auto",
-        reset: str = "changed",
+        event: str = DEFAULT_EVENT,
+        reset: str = DEFAULT_RESET,
         warmup_steps: int = 0,
         rewarmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
+        min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
         manage_lr: bool = True,
+        start_step: int = 0,
     ) -> None:
         if event not in EVENTS:
             raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
@@ -160,8 +180,8 @@ class RestartController:
             raise ValueError(f"total_steps must be positive, got {total_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        if warmup_steps < 0 or rewarmup_steps < 0:
-            raise ValueError("warmup_steps and rewarmup_steps must be >= 0")
+        if warmup_steps < 0 or rewarmup_steps < 0 or start_step < 0:
+            raise ValueError("warmup_steps, rewarmup_steps and start_step must be >= 0")
         if cycle_length is not None and rewarmup_steps >= cycle_length:
             raise ValueError(f"rewarmup_steps ({rewarmup_steps}) must be shorter than cycle_length ({cycle_length})")
         self.model = model
@@ -174,8 +194,8 @@ class RestartController:
         self.rewarmup_steps = rewarmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.manage_lr = manage_lr
-        self.num_steps = 0
-        self.num_restarts = 0
+        self.num_steps = int(start_step)
+        self.num_restarts = sum(self.is_restart_step(step) for step in range(1, self.num_steps + 1))
         self.history: list[RestartEvent] = []
         layers = lowrank_layers(model)
         if event in ("refactorize", "merge") and not layers:

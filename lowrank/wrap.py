@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layers import LowRankLinear, check_init, check_rank, check_sparse_density, check_sparse_init, rank_from_ratio
+from .seeding import derive_seed
 
 __all__ = [
     "LowRankConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "merge_to_dense",
     "count_parameters",
     "match_target_modules",
+    "unwrap_model",
 ]
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -136,7 +138,8 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
     :class:`LowRankLinear`, in place, and return ``model``.
 
     Works for any ``transformers`` causal LM (LLaMA, Qwen2, GPT-2, ...) and plain ``nn.Module``
-    trees. Layer ``i`` (in ``named_modules`` order) is seeded with ``(config.seed, i)``. The model
+    trees. Layer ``i`` (in ``named_modules`` order) is seeded with
+    :func:`lowrank.seeding.derive_seed` ``(config.seed, i)``. The model
     keeps working with ``generate``, its ``state_dict`` and ``torch.compile``.
 
     Raises:
@@ -185,7 +188,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
             sparse_density=config.sparse_density,
             init=config.init,
             sparse_init=config.sparse_init,
-            seed=_layer_seed(config.seed, index),
+            seed=derive_seed(config.seed, index),
         )
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -193,10 +196,6 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
     # Kept on the model so that events, export and checkpoints know how it was built.
     setattr(model, _CONFIG_ATTRIBUTE, config)
     return model
-
-
-def _layer_seed(seed: int, index: int) -> int:
-    return (int(seed) * 1_000_003 + index) & 0x7FFFFFFFFFFFFFFF
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, int]:
@@ -223,7 +222,7 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
 def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     """The wrapped layers of ``model`` by module name, in module order; a DDP or ``torch.compile``
     wrapper is looked through, so the names are those of the model itself."""
-    model = _unwrap_parallel(model)
+    model = unwrap_model(model)
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
@@ -238,8 +237,8 @@ def _require_layers(model: nn.Module, action: str) -> dict[str, LowRankLinear]:
     return layers
 
 
-def _unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (the model itself if none)."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -274,7 +273,7 @@ def merge_to_dense(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     and ``from_pretrained`` it. By default the wrapped model is left untouched (a deep copy is
     converted); ``inplace=True`` converts ``model`` itself and saves the copy's memory.
     """
-    model = _unwrap_parallel(model)
+    model = unwrap_model(model)
     _require_layers(model, "merge_to_dense")
     if not inplace:
         model = copy.deepcopy(model)
@@ -296,7 +295,7 @@ def replace_layers(model: nn.Module, convert: Callable[[LowRankLinear], nn.Modul
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and frozen parameter counts (shared/tied parameters counted once)."""
     trainable = frozen = 0
-    for param in _unwrap_parallel(model).parameters():
+    for param in unwrap_model(model).parameters():
         if param.requires_grad:
             trainable += param.numel()
         else:

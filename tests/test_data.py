@@ -19,6 +19,9 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from lowrank import data as D
+from lowrank.data import build as data_build
+from lowrank.data import builtin as data_builtin
+from lowrank.data import tokenizer as data_tokenizer
 from lowrank.data import (
     EOT,
     Packer,
@@ -272,7 +275,7 @@ def builtin_cache(tmp_path_factory):
 def test_builtin_corpus_is_deterministic_large_and_imports_nothing(builtin_cache):
     folder, documents, before = builtin_cache
     assert "antigravity" not in sys.modules and "this" not in sys.modules
-    harvested = {D._module_name(rel) for rel, _ in documents}
+    harvested = {data_builtin._module_name(rel) for rel, _ in documents}
     assert not {m for m in harvested if m in sys.modules and m not in before}
     assert len(documents) > 300 and sum(len(d) for _, d in documents) > 1_000_000
     paths = [rel for rel, _ in documents]
@@ -281,16 +284,16 @@ def test_builtin_corpus_is_deterministic_large_and_imports_nothing(builtin_cache
     json_doc = dict(documents)["json/__init__.py"]
     assert json_doc.startswith("Module json\n\n") and "def json.dumps(obj, *, skipkeys=False" in json_doc
     # a fresh harvest (of every 10th module, to keep the test fast) gives the same documents
-    files = D._builtin_files(D._stdlib_root())
+    files = data_builtin.builtin_files(data_builtin.stdlib_root())
     assert [rel for rel in files if rel in dict(documents)] == paths
-    assert D._harvest(D._stdlib_root(), files[::10]) == [pair for pair in documents if pair[0] in files[::10]]
+    assert data_builtin._harvest(data_builtin.stdlib_root(), files[::10]) == [pair for pair in documents if pair[0] in files[::10]]
     assert list(folder.glob("data/builtin-*.json"))
 
 
 def test_builtin_build_splits_by_module_path(builtin_cache, monkeypatch):
     folder, documents, _ = builtin_cache
-    monkeypatch.setattr(D, "_harvest", None)  # the harvest is cached under cache_dir
-    monkeypatch.setattr(D, "BPE_SAMPLE_CHARS", 200_000)  # a deterministic sample keeps the test fast
+    monkeypatch.setattr(data_builtin, "_harvest", None)  # the harvest is cached under cache_dir
+    monkeypatch.setattr(data_tokenizer, "BPE_SAMPLE_CHARS", 200_000)  # a deterministic sample keeps the test fast
     bundle = build_data("builtin", seq_len=64, batch_size=4, vocab_size=300, cache_dir=folder)
     desc = bundle.description
     valid = [d for rel, d in documents if in_valid(rel)]
@@ -444,8 +447,8 @@ def test_trained_tokenizer_is_cached_reloaded_and_round_trips(tmp_path, monkeypa
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("re-tokenized the corpus")
 
-    monkeypatch.setattr(D, "train_bpe_tokenizer", no_retraining)
-    monkeypatch.setattr(D, "encode_documents", no_tokenizing)
+    monkeypatch.setattr(data_tokenizer, "train_bpe_tokenizer", no_retraining)
+    monkeypatch.setattr(data_build, "encode_documents", no_tokenizing)
     second = build_data(str(path), seq_len=16, batch_size=2, vocab_size=350, cache_dir=run)
     assert saved.stat().st_mtime_ns == mtime and not second.description["tokenizer_trained"]
     assert second.description["cache"].startswith("hit")

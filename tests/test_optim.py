@@ -547,3 +547,107 @@ def test_bad_defaults_and_combinations():
     with pytest.raises(ValueError, match=r"^param_groups\[1\]: rank "):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))], "rank": -3})
     assert len(opt.param_groups) == 1
+
+
+# ---------------------------------------------------------------------------- state layout
+
+
+LAYOUT_MODES = {
+    "plain": dict(),
+    "plain-foreach": dict(foreach=True),
+    "svd": dict(projection="svd", rank=3, update_proj_gap=1),
+    "randomized": dict(projection="randomized", rank=3, update_proj_gap=1),
+    "random": dict(projection="random", rank=3, update_proj_gap=1),
+    "random-tensor": dict(projection="random", rank=1, scale_type="tensor"),
+    "fira": dict(projection="svd", rank=3, residual="fira"),
+    "fira-randomized": dict(projection="randomized", rank=3, residual="fira"),
+    "sparse": dict(density=0.3),
+    "projected-sparse": dict(projection="svd", rank=3, density=0.5, update_proj_gap=1),
+    "stable-spam": dict(adaptive_clip=True, norm_scaling=True, spike_threshold=50.0, spike_skip_steps=1),
+    "stable-spam-svd": dict(projection="svd", rank=3, adaptive_clip=True, norm_scaling=True),
+    "bf16": dict(projection="svd", rank=3, dtype=torch.bfloat16),
+    "bf16-fp32-state": dict(projection="svd", rank=3, density=0.5, dtype=torch.bfloat16, state_dtype=torch.float32),
+    "bf16-fp32-state-plain": dict(dtype=torch.bfloat16, state_dtype=torch.float32, foreach=True),
+}
+COUNTERS = {"step", "total_step", "resets"}
+
+
+@pytest.mark.parametrize("mode", list(LAYOUT_MODES))
+def test_state_after_a_step_is_exactly_the_layout(mode):
+    from lowrank.optim import state_layout
+    from lowrank.optim.projection import project
+
+    options = dict(LAYOUT_MODES[mode])
+    dtype = options.pop("dtype", torch.float32)
+    shapes = [(12, 20), (20, 12), (2, 20), (6,), (2, 3, 4)]  # (2, 20): rank 3 > min(m, n)
+    params = make_params(shapes, dtype=dtype)
+    opt = ProjectedAdamW(params, lr=1e-2, weight_decay=0.01, reset_interval=2, **options)
+    run(opt, params, make_grads(shapes, 3))  # past a reset (new subset) and projector refreshes
+    group = opt.param_groups[0]
+    layout_bytes = cache_bytes = 0
+    for p in params:
+        layout = state_layout(tuple(p.shape), p.dtype, group)
+        state = opt.state[p]
+        tensors = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        assert tensors == {k: (tuple(s.shape), s.dtype) for k, s in layout.tensors().items()}
+        counters = COUNTERS | ({"projector_updates"} if layout.projectors else set())
+        assert {k for k, v in state.items() if not isinstance(v, torch.Tensor)} == counters
+        assert all(type(state[k]) is int for k in counters)
+        assert all(t.device == p.device and t.is_contiguous() for t in state.values() if isinstance(t, torch.Tensor))
+        # Independent of the layout: moments have the shape of what enters them.
+        if "projector" in state:
+            low_shape = tuple(project(torch.zeros(p.shape, dtype=state["projector"].dtype), state["projector"]).shape)
+        else:
+            low_shape = tuple(p.shape)
+        if "subset_indices" in layout.outside:
+            period, indices = opt._subsets[p]
+            assert period == state["resets"] == 1
+            assert (tuple(indices.shape), indices.dtype) == tuple(layout.outside["subset_indices"])
+            assert tensors["exp_avg"][0] == (subset_size(math.prod(low_shape), group["density"]),)
+        else:
+            assert p not in opt._subsets and layout.outside_bytes() == 0
+            assert tensors["exp_avg"][0] == low_shape
+        layout_bytes += layout.bytes()
+        cache_bytes += layout.outside_bytes()
+        assert sum(layout.bytes_by_kind().values()) == layout.bytes()
+    assert opt.state_bytes().total == layout_bytes
+    assert opt.state_bytes().subset_cache == cache_bytes
+
+
+def test_layout_rules_by_hand():
+    from lowrank.optim import ParamStateLayout, TensorSpec, state_layout
+
+    def group(**options):
+        opt = ProjectedAdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, **options)
+        return opt.param_groups[0]
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    scalar = TensorSpec((), f32)
+    assert state_layout((12, 20), bf16, group()) == ParamStateLayout(
+        moments={"exp_avg": TensorSpec((12, 20), bf16), "exp_avg_sq": TensorSpec((12, 20), bf16)})
+    fira = state_layout((12, 20), bf16, group(projection="svd", rank=4, residual="fira", state_dtype=f32))
+    assert fira.moments == {"exp_avg": TensorSpec((4, 20), f32), "exp_avg_sq": TensorSpec((4, 20), f32)}
+    assert fira.projectors == {"projector": TensorSpec((12, 4), f32)} and fira.scalars == {"limiter_norm": scalar}
+    assert fira.bytes_by_kind() == {"moments": 2 * 80 * 4, "projectors": 48 * 4, "scalars": 4}
+    assert fira.bytes() == 2 * 80 * 4 + 48 * 4 + 4
+    right = state_layout((20, 12), f32, group(projection="random", rank=30))  # rank capped at 12
+    assert right.moments["exp_avg"] == TensorSpec((20, 12), f32) and right.projectors["projector"] == ((12, 12), f32)
+    sparse = state_layout((20, 12), f32, group(projection="svd", rank=4, density=0.25))
+    assert sparse.moments["exp_avg_sq"] == TensorSpec((20,), f32)  # k = round(0.25 · 20·4)
+    assert sparse.outside == {"subset_indices": TensorSpec((20,), torch.int32)} and sparse.outside_bytes() == 80
+    vector = state_layout((7,), f32, group(projection="svd", density=0.5, adaptive_clip=True, norm_scaling=True))
+    assert vector.moments["exp_avg"] == TensorSpec((7,), f32) and not vector.projectors and not vector.outside
+    assert vector.scalars == {"max_abs_avg": scalar, "norm_avg": scalar, "norm_sq_avg": scalar}
+
+
+def test_torch_adamw_state_layout_matches_torch():
+    from lowrank.optim import torch_adamw_state_layout
+
+    params = make_params([(6, 9), (9,)], dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    run(opt, params, make_grads([(6, 9), (9,)], 1))
+    for p in params:
+        layout = torch_adamw_state_layout(tuple(p.shape), p.dtype)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items()} == {
+            k: tuple(s) for k, s in layout.tensors().items()}
+        assert layout.bytes_by_kind() == {"moments": 2 * 2 * p.numel(), "projectors": 0, "scalars": 4}

@@ -64,10 +64,10 @@ def test_resume_after_crash_is_bit_identical(corpus, tmp_path, monkeypatch):
     method_overrides = dict(SHORT_CYCLES)
     full = pretrain(config(corpus, tmp_path / "full", method="lowrank_sparse", overrides=method_overrides, save_every=5))
     # The same run, crashing in the middle of step 7 (after the checkpoint at step 5).
-    import lowrank.train as train_module
+    from lowrank.run import loop as train_module
 
     crash_dir = tmp_path / "crash"
-    original = train_module._Run.train
+    original = train_module.Trainer.train
 
     def crashing_train(self):
         loader = self.data.train
@@ -84,10 +84,10 @@ def test_resume_after_crash_is_bit_identical(corpus, tmp_path, monkeypatch):
         loader.__class__ = Crashing
         return original(self)
 
-    monkeypatch.setattr(train_module._Run, "train", crashing_train)
+    monkeypatch.setattr(train_module.Trainer, "train", crashing_train)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(config(corpus, crash_dir, method="lowrank_sparse", overrides=method_overrides, save_every=5))
-    monkeypatch.setattr(train_module._Run, "train", original)
+    monkeypatch.setattr(train_module.Trainer, "train", original)
     checkpoints = crash_dir / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_00000005"
     resumed = pretrain(config(corpus, crash_dir, method="lowrank_sparse", overrides=method_overrides, save_every=5, resume="latest"))

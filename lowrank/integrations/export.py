@@ -15,7 +15,6 @@ check the tokenizer against the embedding → write into a temporary folder, ren
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from ..checkpoint import resolve_checkpoint
 from ..errors import UsageError
-from ..memory.build import DTYPES, dtype_name
+from ..dtypes import DTYPES, dtype_name
 
 __all__ = ["export_model", "load_run_model", "find_checkpoint", "add_arguments", "run_from_args"]
 
@@ -70,19 +69,15 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from ..models import build_model
 
     checkpoint = find_checkpoint(path)
-    try:
-        meta = json.loads((checkpoint / "meta.json").read_text())
-        config_dict = dict(meta["model_config"])
-        model_type = config_dict.pop("model_type")
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"checkpoint {checkpoint}: meta.json is not a lowrank checkpoint's ({type(error).__name__}: {error})") from None
-    config = AutoConfig.for_model(model_type, **config_dict)
+    meta = CheckpointMeta.read(checkpoint)
+    config_dict = dict(meta.model_config)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = build_model(config)
-    if meta.get("wrapped"):
+    if meta.wrapped:
         # The method as the run resolved it (overrides applied), so the layers get the very
         # shapes (rank, base, sparse support) that were trained.
-        method = Method(**meta["method"])
-        apply_method(model, method, seed=int((meta.get("config") or {}).get("seed", 0)))
+        method = Method(**meta.method)
+        apply_method(model, method, seed=int(meta.config.get("seed", 0)))
     try:
         missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
     except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
@@ -92,19 +87,19 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
             f"checkpoint {checkpoint}: the weights do not fit the model described by meta.json "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    return model.eval(), meta
+    return model.eval(), meta.to_dict()
 
 
 def _run_tokenizer(checkpoint: Path, meta: dict[str, Any]) -> str:
-    """The tokenizer the run trained with: ``<run>/tokenizer`` (saved by ``lowrank pretrain``),
+    """The tokenizer the run trained with: the run folder's (saved by ``lowrank pretrain``),
     else the ``--tokenizer`` the run was given."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    if (run_dir / "tokenizer").is_dir():
-        return str(run_dir / "tokenizer")
+    folder = RunFolder.of_checkpoint(checkpoint)
+    if folder.tokenizer.is_dir():
+        return str(folder.tokenizer)
     given = (meta.get("config") or {}).get("tokenizer")
     if given:
         return given
-    raise UsageError(f"no tokenizer in {run_dir / 'tokenizer'}; pass the one the run was trained with: --tokenizer PATH")
+    raise UsageError(f"no tokenizer in {folder.tokenizer}; pass the one the run was trained with: --tokenizer PATH")
 
 
 def export_model(

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from ..layers import LowRankLinear
-from ..wrap import _unwrap_parallel, lowrank_layers, replace_layers
+from ..wrap import unwrap_model, lowrank_layers, replace_layers
 
 __all__ = ["dense_base_model", "save_peft_adapter", "load_peft_adapter"]
 
@@ -91,7 +91,7 @@ def dense_base_model(model: nn.Module) -> nn.Module:
     ``Conv1D``) holding its frozen base ``W0`` and bias: the base model that the adapter written by
     :func:`save_peft_adapter` goes on top of. ``model`` is left untouched."""
     _adapter_layers(model, "dense_base_model")
-    return replace_layers(copy.deepcopy(_unwrap_parallel(model)), lambda layer: layer.to_dense(weight=layer.base_weight))
+    return replace_layers(copy.deepcopy(unwrap_model(model)), lambda layer: layer.to_dense(weight=layer.base_weight))
 
 
 def _plain_number(value: float) -> int | float:

@@ -56,7 +56,7 @@ from transformers.utils import logging
 
 from ..methods import Method, build_controller, build_optimizer, load_method
 from ..restarts import RestartController, RestartEvent
-from ..wrap import _unwrap_parallel, lowrank_layers
+from ..wrap import unwrap_model, lowrank_layers
 
 __all__ = ["LowRankCallback", "LowRankOptimizerFactory", "optimizer_cls_and_kwargs", "create_optimizer_and_scheduler"]
 
@@ -66,16 +66,15 @@ MethodLike = str | Path | Method | dict
 
 
 def resolve_method(method: MethodLike, overrides: dict[str, Any] | None = None) -> Method:
-    """A :class:`~lowrank.methods.Method` from a preset name, a YAML path (with dotted-key
-    ``overrides``), a ``Method``, or a ``Method.to_dict()`` (as saved in checkpoints)."""
+    """A :class:`~lowrank.methods.Method` from a preset name, a YAML path, a ``Method``, or a
+    ``Method.to_dict()`` (as saved in checkpoints), with dotted-key ``overrides`` applied
+    (:meth:`~lowrank.methods.Method.with_overrides`)."""
     if isinstance(method, (str, Path)):
         return load_method(method, overrides)
-    if overrides:
-        raise ValueError("overrides apply to a preset name or YAML path; for a built Method use load_method(name, overrides)")
-    if isinstance(method, Method):
-        return method
     if isinstance(method, dict):
-        return Method(**method)
+        method = Method(**method)
+    if isinstance(method, Method):
+        return method.with_overrides(overrides)
     raise TypeError(f"method must be a preset name, a YAML path, a lowrank.methods.Method or its dict, got {type(method).__name__}")
 
 
@@ -89,13 +88,12 @@ def _check_model(model: nn.Module, method: Method, who: str) -> None:
         )
     if lowrank_layers(model):
         return
-    restarts = method.restarts or {}
-    event, reset = restarts.get("event", "auto"), restarts.get("reset", "changed")
+    restarts = method.restarts
     if method.lowrank:
         why = "trains low-rank factors (it has a lowrank section)"
-    elif restarts.get("cycle_length") and (event in ("refactorize", "merge") or (event == "auto" and reset == "changed")):
-        why = f"runs restarts.event={event!r}, which acts on LowRankLinear layers"
-    elif restarts.get("cycle_length") and reset == "factors":
+    elif restarts and (restarts.event in ("refactorize", "merge") or (restarts.event == "auto" and restarts.reset == "changed")):
+        why = f"runs restarts.event={restarts.event!r}, which acts on LowRankLinear layers"
+    elif restarts and restarts.reset == "factors":
         why = "runs restarts.reset='factors', which resets the moments of LowRankLinear factors"
     else:
         return  # a dense method (e.g. SPAM's periodic reset of every moment) is fine on a dense model
@@ -138,7 +136,7 @@ class LowRankOptimizerFactory:
 
     def __call__(self, model: nn.Module, *, method: MethodLike, seed: int = 0) -> torch.optim.Optimizer:
         method = resolve_method(method)
-        model = _unwrap_parallel(model)
+        model = unwrap_model(model)
         _check_model(model, method, "optimizer_cls_and_kwargs")
         return build_optimizer(model, method, seed=seed)
 
@@ -290,13 +288,13 @@ class LowRankCallback(TrainerCallback, ExportableState):
 
     def _warn_about_ignored_arguments(self, args: TrainingArguments) -> None:
         default_lr = TrainingArguments.__dataclass_fields__["learning_rate"].default
-        method_lr = float(self.method.optimizer["lr"])
+        method_lr = self.method.optimizer.lr
         if args.learning_rate not in (default_lr, method_lr):
             logger.warning(
                 f"TrainingArguments.learning_rate={args.learning_rate} is not used: with a lowrank optimizer the "
                 f"learning rate is method {self.method.name}'s optimizer.lr={method_lr} (override it in the method)"
             )
-        clip = self.method.training.get("grad_clip") or 0.0
+        clip = self.method.training.grad_clip or 0.0
         if float(clip) != float(args.max_grad_norm or 0.0):
             logger.warning(
                 f"method {self.method.name} clips gradients at {clip} but TrainingArguments.max_grad_norm="

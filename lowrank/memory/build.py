@@ -1,7 +1,7 @@
 """One way to turn (model config, method, rank, dtypes) into a model and an optimizer, shared by
 the estimator (on the ``meta`` device) and the profiler (on a real one), so that both describe
 the same objects ``lowrank pretrain`` would build: the same preset, the same ``--rank`` rule
-(:func:`lowrank.methods.method_overrides`), the same wrapping and parameter groups."""
+(:meth:`lowrank.methods.Method.with_overrides`), the same wrapping and parameter groups."""
 
 from __future__ import annotations
 
@@ -13,29 +13,18 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..errors import UsageError
-from ..methods import Method, apply_method, available_methods, build_optimizer, load_method, method_overrides
+from ..methods import Method, apply_method, available_methods, build_optimizer, load_method
 from ..models import build_model, load_model_config
 from .peers import PEERS, Peer, build_adamw8bit
 
-__all__ = ["DTYPES", "Resolved", "available", "parse_dtype", "resolve", "build"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "Resolved", "available", "parse_dtype", "dtype_name", "resolve", "build"]
 
 
 def available() -> list[str]:
     """Every method name the memory tools accept: the presets, then the peers."""
     return available_methods() + list(PEERS)
-
-
-def parse_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    name = aliases.get(str(value), str(value))
-    if name not in DTYPES:
-        raise UsageError(f"{what} must be one of {', '.join(DTYPES)}, got {value!r}")
-    return DTYPES[name]
 
 
 @dataclass
@@ -71,9 +60,9 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
         close = difflib.get_close_matches(key, available(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise UsageError(f"unknown method {key!r}.{hint} Choose from {', '.join(available())} or a preset YAML path")
-    overrides = method_overrides(key, rank=rank)
     base = load_method(key)
-    optimizer_name = base.optimizer.get("name", "projected_adamw")
+    optimizer_name = base.optimizer.name
+    overrides: dict = {}
     notes = []
     if state_dtype is not None:
         if optimizer_name == "adamw" and state_dtype != weight_dtype:
@@ -84,19 +73,16 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
         if optimizer_name == "projected_adamw":
             overrides["optimizer.matrix.state_dtype"] = state_dtype
             overrides["optimizer.other.state_dtype"] = state_dtype
-    method = load_method(key, overrides)
+    method = base.with_overrides(overrides, rank=rank)
     used_rank = None
     if method.lowrank is not None:
-        used_rank = method.lowrank.get("rank")
-    elif (method.optimizer.get("matrix") or {}).get("projection"):
-        used_rank = method.optimizer["matrix"].get("rank", 128)
+        used_rank = method.lowrank.rank
+    elif method.optimizer.matrix.get("projection"):
+        from ..optim import OPTION_DEFAULTS
+
+        used_rank = method.optimizer.matrix.get("rank", OPTION_DEFAULTS["rank"])
     label = "torch.optim.AdamW" if optimizer_name == "adamw" else "lowrank.optim.ProjectedAdamW"
     return Resolved(method.name, method, None, used_rank, label, notes)
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """``torch.bfloat16`` → ``"bfloat16"`` (the keys of :data:`DTYPES`)."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def check_size(name: str, value: int) -> None:

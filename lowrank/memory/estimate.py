@@ -2,21 +2,12 @@
 
 The model is built on the ``meta`` device and wrapped by the method's real code
 (:mod:`lowrank.memory.build`), so weights and gradients are counted from the real parameter
-shapes with :mod:`lowrank.accounting`; the optimizer's state is laid out parameter by parameter
-from the real parameter groups and the optimizers' documented state rules (below); activations
-come from the stated formula in :mod:`lowrank.memory.activations`.
-
-Optimizer state, per trainable parameter ``p`` (``m × n`` when 2-D):
-
-* ``torch.optim.AdamW``: ``exp_avg`` and ``exp_avg_sq`` in ``p``'s dtype, and a 0-dim fp32 ``step``.
-* ``ProjectedAdamW`` (class docstring of :class:`lowrank.optim.ProjectedAdamW`): two moments in
-  ``state_dtype`` (default ``p``'s dtype) shaped like ``p``, or like ``R`` (``r × n`` when
-  ``m < n``, else ``m × r``, ``r = effective_rank``) when projected, plus the ``min(m, n) × r``
-  projector; with sparse momentum only ``k = subset_size(numel, density)`` moment entries, and the
-  optimizer caches the subset's indices outside its state (4 bytes per entry, ``optimizer_extra``);
-  a 0-dim fp32 limiter norm with Fira's residual or APOLLO's random projection; three 0-dim fp32
-  Stable-SPAM statistics (``adaptive_clip``: 1, ``norm_scaling``: 2). Counters are Python ints.
-* ``bitsandbytes`` AdamW8bit: :func:`lowrank.memory.peers.adamw8bit_state_bytes`.
+shapes with :mod:`lowrank.accounting`; the optimizer's state is the sum, parameter by parameter
+over the real parameter groups, of the state layouts in :mod:`lowrank.optim.layout` (the tensors
+``ProjectedAdamW`` allocates from, and ``torch.optim.AdamW``'s; the sparse-momentum index cache is
+``optimizer_extra``) or, for bitsandbytes AdamW8bit, of
+:func:`lowrank.memory.peers.adamw8bit_state_bytes`; activations come from the stated formula in
+:mod:`lowrank.memory.activations`.
 """
 
 from __future__ import annotations
@@ -33,8 +24,7 @@ from transformers import PretrainedConfig
 from ..accounting import buffer_bytes, gradient_bytes, parameter_bytes
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
-from ..optim.projection import effective_rank, is_left
-from ..seeding import subset_size
+from ..optim.layout import KINDS, state_layout, torch_adamw_state_layout
 from ..wrap import count_parameters, lowrank_layers
 from .activations import ActivationBytes, llama_activation_bytes
 from .build import build, check_size, dtype_name, load_config, parse_dtype, resolve
@@ -195,53 +185,24 @@ def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.d
 
 def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, int], int]:
     """Bytes the state of ``optimizer`` (``torch.optim.AdamW`` or ``ProjectedAdamW``) will hold
-    once every parameter has stepped, computed from its parameter groups without stepping.
+    once every parameter has stepped: the sum of :mod:`lowrank.optim.layout` over its parameter
+    groups, without stepping.
 
     Returns:
         ``({"moments", "projectors", "scalars"}, extra)`` where ``extra`` is memory held outside
         ``optimizer.state`` (sparse-momentum index caches).
     """
-    detail = {"moments": 0, "projectors": 0, "scalars": 0}
-    extra = 0
+    params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     if isinstance(optimizer, ProjectedAdamW):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                sizes, cache = _projected_adamw_param(tuple(p.shape), p.dtype, group)
-                for key, value in sizes.items():
-                    detail[key] += value
-                extra += cache
+        layouts = [state_layout(tuple(p.shape), p.dtype, group) for p, group in params]
     elif type(optimizer) is torch.optim.AdamW:
-        for group in optimizer.param_groups:
-            if group.get("amsgrad"):
-                raise UsageError("AdamW with amsgrad is not modelled by the memory estimator")
-            for p in group["params"]:
-                detail["moments"] += 2 * p.numel() * p.dtype.itemsize
-                detail["scalars"] += 4  # torch keeps ``step`` as a 0-dim fp32 tensor
+        if any(group.get("amsgrad") for group in optimizer.param_groups):
+            raise UsageError("AdamW with amsgrad is not modelled by the memory estimator")
+        layouts = [torch_adamw_state_layout(tuple(p.shape), p.dtype) for p, _ in params]
     else:
         raise UsageError(f"no memory layout for optimizer {type(optimizer).__name__}")
-    return detail, extra
-
-
-def _projected_adamw_param(shape: tuple[int, ...], dtype: torch.dtype, group: dict) -> tuple[dict[str, int], int]:
-    """ProjectedAdamW's state for one parameter (rules in the module docstring)."""
-    state_dtype = group["state_dtype"] or dtype
-    matrix = len(shape) == 2
-    kind = group["projection"] if matrix else None
-    projectors = cache = scalars = 0
-    low_shape = shape
-    if kind is not None:
-        r = effective_rank(shape, group["rank"])
-        low_shape = (r, shape[1]) if is_left(shape) else (shape[0], r)
-        projectors = min(shape) * r * state_dtype.itemsize
-    numel = math.prod(low_shape)
-    if matrix and group["density"] < 1.0:
-        k = subset_size(numel, group["density"])
-        cache = k * (4 if numel <= torch.iinfo(torch.int32).max else 8)
-        numel = k
-    if (kind in ("svd", "randomized") and group["residual"] == "fira") or kind == "random":
-        scalars += 4  # limiter_norm
-    if group["adaptive_clip"]:
-        scalars += 4  # max_abs_avg
-    if group["norm_scaling"]:
-        scalars += 8  # norm_avg, norm_sq_avg
-    return {"moments": 2 * numel * state_dtype.itemsize, "projectors": projectors, "scalars": scalars}, cache
+    detail = dict.fromkeys(KINDS, 0)
+    for layout in layouts:
+        for kind, n in layout.bytes_by_kind().items():
+            detail[kind] += n
+    return detail, sum(layout.outside_bytes() for layout in layouts)

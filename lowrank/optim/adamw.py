@@ -12,11 +12,15 @@ from torch.optim import Optimizer
 
 from . import projection as proj
 from . import spikes
+from .layout import MOMENT_KEYS, state_layout
 from ..seeding import STREAM_SUBSET, sample_subset, subset_size
 
 PROJECTIONS = (None, "svd", "randomized", "random")
 RESIDUALS = (None, "fira")
 SCALE_TYPES = ("channel", "tensor")
+
+# AdamW's own hyper-parameters (torch.optim.AdamW's defaults but weight decay 0, as the papers train).
+ADAM_DEFAULTS: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
 # Every option a parameter group may set, with its default. ``lr``, ``betas``, ``eps`` and
 # ``weight_decay`` are added by the constructor.
@@ -41,8 +45,6 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "state_dtype": None,
     "foreach": None,
 }
-
-_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 # The multi-tensor path allocates temporaries (denominators, casts) as large as the tensors it is
 # given; feeding it whole parameter groups would add ~14 bytes per parameter at peak for bf16
@@ -142,11 +144,10 @@ class ProjectedAdamW(Optimizer):
     and a run resumed from ``state_dict()`` continues bit-identically.
 
     State per parameter (only tensors and Python ints, so ``torch.load(weights_only=True)`` works):
-    ``step`` (Adam steps since the last reset), ``total_step``, ``resets``, ``exp_avg``,
-    ``exp_avg_sq``; with projection ``projector`` (``min(m,n) × r``) and ``projector_updates``;
-    with a residual or ``"random"`` projection ``limiter_norm`` (0-dim); with Stable-SPAM
-    ``max_abs_avg``, ``norm_avg``, ``norm_sq_avg`` (0-dim fp32). Moments and projector use
-    ``state_dtype`` (default: the parameter's dtype, like ``torch.optim.AdamW``).
+    the counters ``step`` (Adam steps since the last reset), ``total_step``, ``resets`` and, with
+    projection, ``projector_updates``; the tensors are stated by
+    :func:`lowrank.optim.layout.state_layout` (names, shapes and dtypes, which the optimizer
+    allocates from).
 
     Args:
         params: parameters or parameter-group dicts; groups may set any option below.
@@ -168,9 +169,9 @@ class ProjectedAdamW(Optimizer):
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        betas: tuple[float, float] = ADAM_DEFAULTS["betas"],
+        eps: float = ADAM_DEFAULTS["eps"],
+        weight_decay: float = ADAM_DEFAULTS["weight_decay"],
         **defaults: Any,
     ) -> None:
         unknown = sorted(set(defaults) - set(OPTION_DEFAULTS))
@@ -187,7 +188,7 @@ class ProjectedAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
-        _validate_group({**self.defaults, **param_group}, f"param_groups[{index}]")
+        validate_group({**self.defaults, **param_group}, f"param_groups[{index}]")
         super().add_param_group(param_group)
         self._param_index = None
 
@@ -305,6 +306,16 @@ class ProjectedAdamW(Optimizer):
     def _state_dtype(p: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
         return group["state_dtype"] or p.dtype
 
+    @staticmethod
+    def _state_tensor(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], key: str) -> torch.Tensor:
+        """``state[key]``, created the first time as zeros of the layout's shape and dtype on ``p``'s
+        device (a key missing from :func:`state_layout` raises ``KeyError``)."""
+        tensor = state.get(key)
+        if tensor is None:
+            spec = state_layout(tuple(p.shape), p.dtype, group).tensors()[key]
+            tensor = state[key] = torch.zeros(spec.shape, dtype=spec.dtype, device=p.device)
+        return tensor
+
     def _init_counters(self, state: dict[str, Any]) -> None:
         if "step" not in state:
             state["step"] = 0
@@ -312,7 +323,7 @@ class ProjectedAdamW(Optimizer):
             state["resets"] = 0
 
     def _reset_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        for key in _MOMENT_KEYS:
+        for key in MOMENT_KEYS:
             state[key].zero_()
         state["step"] = 0
         state["resets"] += 1
@@ -342,10 +353,8 @@ class ProjectedAdamW(Optimizer):
         for p in params:
             state = self.state[p]
             self._init_counters(state)
-            if "exp_avg" not in state:
-                dtype = self._state_dtype(p, group)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            for key in MOMENT_KEYS:
+                self._state_tensor(p, group, state, key)
             self._maybe_scheduled_reset(p, group, state)
             state["step"] += 1
             state["total_step"] += 1
@@ -395,7 +404,7 @@ class ProjectedAdamW(Optimizer):
             )
         else:
             basis = proj.gaussian_projection(grad.shape, group["rank"], seed=seed, device=grad.device)
-        state["projector"] = basis.to(self._state_dtype(p, group))
+        self._state_tensor(p, group, state, "projector").copy_(basis)
         state["projector_updates"] += 1
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
@@ -415,16 +424,11 @@ class ProjectedAdamW(Optimizer):
         grad = p.grad.to(dtype)
         stat_step = state["total_step"] + 1
         if group["adaptive_clip"]:
-            if "max_abs_avg" not in state:
-                state["max_abs_avg"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            grad = spikes.adaptive_clip(grad, state["max_abs_avg"], gamma_max, stat_step)
+            max_abs_avg = self._state_tensor(p, group, state, "max_abs_avg")
+            grad = spikes.adaptive_clip(grad, max_abs_avg, gamma_max, stat_step)
         if group["norm_scaling"]:
-            if "norm_avg" not in state:
-                state["norm_avg"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["norm_sq_avg"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            grad = spikes.norm_scaling(
-                grad, state["norm_avg"], state["norm_sq_avg"], gamma_norm, gamma_norm_sq, stat_step, eps
-            )
+            norm_avg, norm_sq_avg = (self._state_tensor(p, group, state, key) for key in ("norm_avg", "norm_sq_avg"))
+            grad = spikes.norm_scaling(grad, norm_avg, norm_sq_avg, gamma_norm, gamma_norm_sq, stat_step, eps)
 
         low = grad
         if kind is not None:
@@ -439,10 +443,7 @@ class ProjectedAdamW(Optimizer):
             indices = self._subset(p, group, state, low.numel())
             moment_input = low.reshape(-1).index_select(0, indices)
 
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(moment_input, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(moment_input, memory_format=torch.contiguous_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = (self._state_tensor(p, group, state, key) for key in MOMENT_KEYS)
 
         if group["spike_threshold"] > 0 and state["step"] >= group["spike_skip_steps"]:
             moment_input = spikes.spam_clip(moment_input, exp_avg_sq, group["spike_threshold"])
@@ -479,26 +480,23 @@ class ProjectedAdamW(Optimizer):
                 back = proj.project_back(low, state["projector"], grad.shape)
                 residual = torch.sub(grad, back, out=back)
                 residual.mul_(proj.channel_scaling(direction, low, grad.shape))
-                update.add_(self._limit(state, residual, p))
+                update.add_(self._limit(p, group, state, residual))
         elif kind == "random":
             per_channel = group["scale_type"] == "channel"
             scaled = grad * proj.channel_scaling(direction, low, grad.shape, per_channel=per_channel)
-            update = self._limit(state, scaled, p).mul_(group["scale"])
+            update = self._limit(p, group, state, scaled).mul_(group["scale"])
         else:
             update = direction
         p.add_(update.to(p.dtype), alpha=-step_size)
 
-    @staticmethod
-    def _limit(state: dict[str, Any], update: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        if "limiter_norm" not in state:
-            state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        return proj.limit_norm_growth(update, state["limiter_norm"])
+    def _limit(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], update: torch.Tensor) -> torch.Tensor:
+        return proj.limit_norm_growth(update, self._state_tensor(p, group, state, "limiter_norm"))
 
 
 # ---------------------------------------------------------------------- validation
 
 
-def _validate_group(group: dict[str, Any], where: str) -> None:
+def validate_group(group: dict[str, Any], where: str) -> None:
     """Raise ``ValueError("param_groups[i]: <option> ...")`` for the first invalid option."""
 
     def fail(message: str) -> None:

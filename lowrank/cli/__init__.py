@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import train
+    from . import pretrain as train
 
     parser = argparse.ArgumentParser(prog="lowrank", description="Memory-efficient LLM pretraining.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -20,13 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Pretrain a causal LM with a method preset (single process or torchrun DDP).")
     train.add_arguments(pretrain)
     pretrain.set_defaults(handler=train.run_from_args)
-    from .memory import cli as memory_cli
+    from ..memory import cli as memory_cli
 
     memory = commands.add_parser("memory", help="estimate (and measure) the training memory of methods",
                                  description="Estimate the training memory of methods on a model, optionally measured against real steps.")
     memory_cli.add_arguments(memory)
     memory.set_defaults(handler=memory_cli.run_from_args)
-    from .integrations import export as export_cli
+    from ..integrations import export as export_cli
 
     export = commands.add_parser("export", help="write a run's model as a plain dense Hugging Face model",
                                  description="Write a run's trained model as a dense Hugging Face model folder (safetensors, "

@@ -1,0 +1,64 @@
+"""The bundled presets (``configs/methods/*.yaml``) and preset files: find, read, parse once."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UsageError
+from ..models import config_dir
+from .sections import Method, set_dotted
+
+__all__ = ["available_methods", "load_method", "method_overrides"]
+
+
+def available_methods() -> list[str]:
+    return sorted(path.stem for path in config_dir("methods").glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str | Path) -> Path:
+    bundled = config_dir("methods") / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        return bundled
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    close = difflib.get_close_matches(str(name_or_path), available_methods(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UsageError(f"unknown method {str(name_or_path)!r}.{hint} Choose one of {', '.join(available_methods())} or a YAML path")
+
+
+def load_method(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Method:
+    """Read a bundled preset (``"galore"``) or a YAML file, apply dotted-key ``overrides``
+    (``{"optimizer.lr": 3e-3, "lowrank.rank": 64}``) and validate every key and value: one read,
+    one parse. For the command-line shortcuts use :meth:`Method.with_overrides` on the result.
+
+    Raises:
+        UsageError: unknown method, unreadable or non-YAML file, a key that does not exist (the
+            message suggests the closest valid one), or a value of the wrong type or range.
+    """
+    path = _preset_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"method file {path}: not a YAML text file ({reason})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"method file {path}: expected a mapping of sections (description, lowrank, optimizer, restarts, "
+                         "schedule, training)")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return Method.from_dict(path.stem, data, str(path))
+
+
+def method_overrides(
+    name_or_path: str | Path, *, rank: int | None = None, lr: float | None = None, cycle_length: int | None = None
+) -> dict[str, Any]:
+    """The command-line shortcuts of a preset as dotted keys (:meth:`Method.shortcut_overrides`).
+
+    Kept for callers of earlier versions; new code calls ``load_method(name).with_overrides(rank=...)``.
+    """
+    return load_method(name_or_path).shortcut_overrides(rank=rank, lr=lr, cycle_length=cycle_length)

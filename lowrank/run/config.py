@@ -1,0 +1,92 @@
+"""What one run needs: :class:`TrainConfig`, and the checks that need nothing but it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..methods import Method
+
+__all__ = ["TrainConfig", "validate_config", "total_steps", "autocast_for"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the command-line flags map one to one onto these fields."""
+
+    method: str = "low_rank_restarts"
+    model: str = "llama_60m"
+    data: str = "builtin"
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    rank: int | None = None
+    lr: float | None = None
+    cycle_length: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    eval_every: int = 100
+    eval_tokens: int = 262_144
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    out: str | None = None
+    resume: str | None = None
+    overwrite: bool = False
+    seed: int = 0
+    json_out: str | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    progress: bool = True
+    plot: bool = True
+    cache_dir: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Python API only: build the optimizer yourself (e.g. a peer library's) from the model and the
+    # parsed preset; the preset's schedule, restarts and everything else still apply.
+    optimizer_factory: Callable[[nn.Module, Method], torch.optim.Optimizer] | None = field(default=None, repr=False)
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{Path(self.method).stem}-{Path(self.model).stem}"
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Checks that need nothing but the config, so a bad run stops before any data or model work."""
+    if cfg.max_steps is None and cfg.max_tokens is None:
+        raise UsageError("give --max-steps N or --max-tokens N (the run's budget)")
+    if cfg.max_steps is not None and cfg.max_tokens is not None:
+        raise UsageError("give exactly one of --max-steps and --max-tokens")
+    for name in ("batch_size", "grad_accum", "seq_len", "eval_tokens", "keep_checkpoints", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("eval_every", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0 = only at the end), got {getattr(cfg, name)}")
+
+
+def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
+    """The run's length in optimizer steps, from ``--max-steps`` or ``--max-tokens``."""
+    steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.max_tokens / tokens_per_step)
+    if steps <= 0:
+        raise UsageError(f"the run has {steps} steps; raise --max-steps / --max-tokens")
+    return steps
+
+
+def autocast_for(device: torch.device, precision: str):
+    """``(context manager, resolved precision)``: bf16 autocast on GPU by default, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16), precision
+    if precision == "fp32":
+        return contextlib.nullcontext(), precision
+    raise UsageError(f"--precision must be auto, fp32 or bf16-mixed, got {precision!r}")

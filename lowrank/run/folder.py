@@ -1,0 +1,137 @@
+"""The run folder: its layout, the checkpoint metadata schema, and the resume / overwrite policy.
+
+Layout of ``<run>/`` (``--out``)::
+
+    config.json          what the run was started with (config, resolved method, data description)
+    metrics.jsonl        one JSON record per logged step, event and evaluation
+    summary.json         the final summary (also printed as a table)
+    loss.png             train / validation loss curves
+    tensorboard/         the same metrics, when TensorBoard is installed
+    tokenizer/           the tokenizer the run trained with (so export finds it)
+    checkpoints/         step_NNNNNNNN/ folders and a ``latest`` pointer (:mod:`.checkpoint`)
+
+A checkpoint's ``meta.json`` (:class:`CheckpointMeta`) holds the run's configuration, the method
+as resolved (every override applied), the model's Hugging Face config and whether the model was
+wrapped at that step: enough to rebuild the trained model without the command line
+(``lowrank export``). When the data cache is the run folder (the default), the trained BPE is
+cached in ``<run>/tokenizer`` already, which is where this layout wants it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .checkpoint import list_checkpoints, read_trainer_state, resolve_checkpoint
+
+__all__ = ["RunFolder", "CheckpointMeta", "ResumePoint"]
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The schema of a checkpoint's ``meta.json``."""
+
+    config: dict[str, Any]
+    method: dict[str, Any]
+    model_config: dict[str, Any]
+    wrapped: bool
+    step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "method": self.method, "model_config": self.model_config, "wrapped": self.wrapped,
+                "step": self.step}
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> CheckpointMeta:
+        """Parse ``checkpoint/meta.json``; a damaged or foreign file is a one-line UsageError."""
+        try:
+            data = json.loads((checkpoint / "meta.json").read_text())
+            meta = cls(config=dict(data.get("config") or {}), method=dict(data["method"]),
+                       model_config=dict(data["model_config"]), wrapped=bool(data.get("wrapped")),
+                       step=int(data.get("step", 0)))
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            raise UsageError(f"checkpoint {checkpoint}: meta.json is not a lowrank checkpoint's ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        if "model_type" not in meta.model_config:
+            raise UsageError(f"checkpoint {checkpoint}: meta.json has no model_config.model_type; it is not a lowrank checkpoint's")
+        return meta
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from and its trainer state (step, controller, data, RNG)."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+class RunFolder:
+    """One run's folder (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tokenizer = property(lambda self: self.path / "tokenizer")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    config = property(lambda self: self.path / "config.json")
+    summary = property(lambda self: self.path / "summary.json")
+    loss_plot = property(lambda self: self.path / "loss.png")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    @staticmethod
+    def of_checkpoint(checkpoint: Path) -> RunFolder:
+        """The run folder a ``checkpoints/step_N`` folder belongs to."""
+        checkpoint = Path(checkpoint)
+        return RunFolder(checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent)
+
+    def open(self, *, resume: str | None, overwrite: bool, world_size: int, is_main: bool) -> ResumePoint | None:
+        """Apply the resume / overwrite policy before anything is written; return where to resume.
+
+        * ``resume`` (``latest`` or a path): continue from that checkpoint, which must have been
+          written by as many processes (the data order is sharded per process).
+        * a fresh run refuses a folder holding checkpoints unless ``overwrite``, which deletes them.
+        * ``resume`` and ``overwrite`` together are a contradiction.
+        """
+        if resume and overwrite:
+            raise UsageError("--resume continues a run and --overwrite starts it afresh: give one of them")
+        if resume:
+            checkpoint = resolve_checkpoint(resume, self.path)
+            state = read_trainer_state(checkpoint)
+            written_by = int(state.get("world_size", 1))
+            if written_by != world_size:
+                raise UsageError(
+                    f"checkpoint {checkpoint} was written by {written_by} processes; resume with the same number "
+                    "(the data order is sharded per process)"
+                )
+            return ResumePoint(checkpoint, state)
+        if list_checkpoints(self.checkpoints):
+            if not overwrite:
+                raise UsageError(
+                    f"{self.path} already holds checkpoints of an earlier run; continue it with --resume latest, "
+                    "start afresh with --overwrite, or pick another --out"
+                )
+            if is_main:
+                shutil.rmtree(self.checkpoints)
+        return None
+
+    def write_config(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    def save_tokenizer(self, tokenizer) -> None:
+        """Keep the run self-contained: ``lowrank export`` finds the tokenizer here even when it
+        came from the hub or another path."""
+        if not (self.tokenizer / "tokenizer_config.json").is_file():
+            tokenizer.save_pretrained(self.tokenizer)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.summary.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,322 @@
+"""The training loop of ``lowrank pretrain``: one process or ``torchrun`` DDP.
+
+In the spirit of nanoGPT's ``train.py``, one screen per part:
+
+* **set-up** (:meth:`Trainer.__init__`): config checks, process group, run folder policy, the
+  method (parsed once, overrides applied), data, model, the run's phases, then the phase the run
+  starts in, and the checkpoint it resumes from.
+* **phases** (:func:`plan_phases`, :meth:`Trainer._enter`): a run is one phase, or two when the
+  method has a dense warm start (ReLoRA): ``warm start`` trains the dense model, then ``train``
+  factorizes it (``W0`` = the trained weight, ``B = 0``: the function is unchanged) and carries
+  the other parameters' optimizer state over. Entering a phase builds its optimizer and a
+  controller whose clock starts at the phase's first step; nothing is rewound by hand.
+* **the loop** (:meth:`Trainer.train`): for each step, ``grad_accum`` micro-batches, clip,
+  ``optimizer.step()``, ``controller.step()`` (restarts + LR), log; at a phase's end, enter the
+  next; evaluate; checkpoint.
+
+Words: the *run's step* (``Trainer.step``) counts optimizer steps done and equals the restart
+controller's clock (``controller.num_steps``). Every source of randomness after start-up is a
+function of the seed and the step, and checkpoints hold the data position, so a resumed run
+reproduces the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import accounting
+from ..data import build_data
+from ..distributed import init_distributed, parameter_hash, wrap_ddp
+from ..errors import UsageError
+from ..methods import apply_method, build_controller, build_optimizer, load_method
+from ..models import build_model, load_model_config
+from ..wrap import count_parameters, is_wrapped
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, autocast_for, total_steps, validate_config
+from .folder import CheckpointMeta, RunFolder
+from .metrics import MetricsLogger
+
+__all__ = ["Phase", "plan_phases", "Trainer", "pretrain"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps ``[start, end)`` of a run; ``dense``: the method's layers are not applied yet."""
+
+    name: str
+    start: int
+    end: int
+    dense: bool
+
+
+def plan_phases(warm_start_steps: int, total: int) -> list[Phase]:
+    """``[warm start, train]`` for a method with a dense warm start that ends inside the run,
+    else ``[train]``; a run shorter than its warm start is all warm start."""
+    warm = min(warm_start_steps, total)
+    if warm == 0:
+        return [Phase("train", 0, total, dense=False)]
+    if warm == total:
+        return [Phase("warm start", 0, total, dense=True)]
+    return [Phase("warm start", 0, warm, dense=True), Phase("train", warm, total, dense=False)]
+
+
+class Trainer:
+    """One training run: model, optimizer, controller, data and logs."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        validate_config(cfg)
+        self.cfg = cfg
+        self.dist, self.device = init_distributed(cfg.device)
+        self.autocast, self.precision = autocast_for(self.device, cfg.precision)
+        self.folder = RunFolder(cfg.run_dir())
+        # The policy is applied (and --resume read) before anything is written.
+        self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size,
+                                       is_main=self.dist.main)
+        self.method = load_method(cfg.method).with_overrides(cfg.overrides, rank=cfg.rank, lr=cfg.lr,
+                                                             cycle_length=cfg.cycle_length)
+        self.model_config = load_model_config(cfg.model)
+        limit = getattr(self.model_config, "max_position_embeddings", cfg.seq_len)
+        if cfg.seq_len > limit:
+            raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({limit})")
+        self.data = build_data(
+            cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
+            vocab_size=cfg.vocab_size or self.model_config.vocab_size, cache_dir=cfg.cache_dir or self.folder.path,
+            rank=self.dist.rank, world_size=self.dist.world_size, max_valid_tokens=cfg.eval_tokens,
+        )
+        tokenizer = self.data.tokenizer
+        eos = tokenizer.eos_token_id
+        for key, value in {"vocab_size": len(tokenizer), "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
+                           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos}.items():
+            setattr(self.model_config, key, value)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
+        self.total_steps = total_steps(cfg, self.tokens_per_step)
+        self.phases = plan_phases(self.method.warm_start_steps, self.total_steps)
+        self.step = self.resume.step if self.resume else 0
+        self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        current = self.phase_at(self.step)
+        self._enter(current, carry_state=False)
+        if self.resume is not None:
+            self._restore()
+
+    # ------------------------------------------------------------------ phases
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase that runs step ``step + 1`` (the last phase once the run is done)."""
+        return next((p for p in self.phases if p.start <= step < p.end), self.phases[-1])
+
+    def _enter(self, phase: Phase, *, carry_state: bool = True) -> None:
+        """Make the model, optimizer and controller of ``phase``, starting at ``self.step``."""
+        self.phase = phase
+        if not phase.dense and not is_wrapped(self.model):
+            apply_method(self.model, self.method, seed=self.cfg.seed)
+        previous = self.optimizer.state if (carry_state and self.optimizer is not None) else {}
+        if self.cfg.optimizer_factory is not None:
+            self.optimizer = self.cfg.optimizer_factory(self.model, self.method)
+        else:
+            self.optimizer = build_optimizer(self.model, self.method, seed=self.cfg.seed)
+        for group in self.optimizer.param_groups:  # parameters that live on (embeddings, norms, head)
+            for p in group["params"]:
+                if p in previous:
+                    self.optimizer.state[p] = previous[p]
+        self.controller = build_controller(self.model, self.optimizer, self.method, total_steps=self.total_steps,
+                                           start_step=self.step, layer_events=not phase.dense)
+        # Drop the old DDP wrapper first: its reducer's gradient hooks go with it.
+        self.module = None
+        gc.collect()
+        self.module = wrap_ddp(self.model, self.dist, self.device)
+        if self.cfg.compile:
+            self.module = torch.compile(self.module)
+
+    def _restore(self) -> None:
+        state = self.resume.state
+        load_checkpoint(self.resume.checkpoint, self.model, self.optimizer, device=self.device)
+        self.controller.load_state_dict(state["controller"])
+        self.data.train.load_state_dict(state["data"][self.dist.rank])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    # ------------------------------------------------------------------ one step, evaluation, checkpoint
+
+    def _train_step(self) -> tuple[float, float, float]:
+        """``grad_accum`` micro-batches, clip, optimizer step, controller step: (loss, grad norm, lr)."""
+        cfg = self.cfg
+        # Summed on the device: one host sync per step, not one per micro-batch.
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = next(self.data.train).to(self.device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.module.no_sync()), self.autocast:
+                loss = self.module(input_ids=batch, labels=batch).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum
+        grad_clip = self.method.training.grad_clip
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.event = self.controller.step()
+        self.step += 1
+        if self.dist.enabled:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.dist.world_size
+        return loss_sum.item(), grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the fixed validation chunks (sharded over ranks, then summed)."""
+        self.module.eval()
+        shard = self.data.valid[self.dist.rank :: self.dist.world_size]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, shard.shape[0], self.cfg.batch_size):
+            batch = shard[start : start + self.cfg.batch_size].to(self.device)
+            with self.autocast:
+                loss = self.model(input_ids=batch, labels=batch).loss
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            loss_sum += loss.double() * tokens
+            count += tokens
+        if self.dist.enabled:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(count)
+        self.module.train()
+        return float(loss_sum / count.clamp_min(1))
+
+    def _checkpoint(self) -> None:
+        # A streamed corpus has a different position on every rank: keep all of them.
+        data_states = [self.data.train.state_dict()]
+        if self.dist.enabled:
+            own, data_states = data_states[0], [None] * self.dist.world_size
+            dist.all_gather_object(data_states, own)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {"step": self.step, "world_size": self.dist.world_size, "controller": self.controller.state_dict(),
+                 "data": data_states, "rng": rng}
+        if not self.dist.main:
+            return
+        meta = CheckpointMeta(config=asdict(self.cfg), method=self.method.to_dict(), model_config=self.model_config.to_dict(),
+                              wrapped=is_wrapped(self.model), step=self.step)
+        save_checkpoint(self.folder.checkpoints, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
+                        meta=meta.to_dict(), keep=self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict[str, Any]:
+        cfg, is_main = self.cfg, self.dist.main
+        logger = MetricsLogger(self.folder.metrics, self.step, self.folder.tensorboard) if is_main else None
+        if is_main:
+            self.folder.save_tokenizer(self.data.tokenizer)
+            self.folder.write_config({"config": asdict(cfg), "method": self.method.to_dict(), "data": self.data.description})
+        accounting.reset_peak_memory(self.device)
+        self.module.train()
+        step_times: list[float] = []
+        recent_losses: collections.deque[float] = collections.deque(maxlen=10)  # the final train loss averages these
+        val_loss = None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
+                   desc=self.method.name, unit="step")
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            loss, grad_norm, lr = self._train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - started
+            step_times.append(elapsed)
+            recent_losses.append(loss)
+            tokens = self.step * self.tokens_per_step
+            if is_main:
+                memory = accounting.peak_memory_bytes(self.device)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step / elapsed:,.0f}", mem=f"{memory / 2**30:.2f}G")
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    logger.log({"step": self.step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_bytes": memory})
+                if self.event is not None:
+                    event = self.event
+                    logger.log({"step": self.step, "tokens": tokens, "event": event.event, "layers": event.layers,
+                                "reset_params": event.reset_params, "mean_top_singular_value": event.mean_top_singular_value})
+            if not math.isfinite(loss):
+                raise UsageError(f"the loss became {loss} at step {self.step}: training diverged; lower --lr or raise the warm-up")
+            if self.step == self.phase.end and self.phase is not self.phases[-1]:
+                self._enter(self.phase_at(self.step))
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.total_steps:
+                val_loss = self.evaluate()
+                if is_main:
+                    logger.log({"step": self.step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                    bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                self._checkpoint()
+        bar.close()
+        summary = self._summary(step_times, recent_losses, val_loss)
+        if is_main:
+            self.folder.write_summary(summary)
+            if cfg.json_out:
+                Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+                Path(cfg.json_out).write_text(self.folder.summary.read_text())
+            logger.close()
+            if cfg.plot:
+                from ..plots import plot_loss_curves
+
+                plot_loss_curves(self.folder.metrics, self.folder.loss_plot, title=f"{self.method.name} · {summary['model']}")
+        return summary
+
+    def _summary(self, step_times: list[float], recent_losses, val_loss: float | None) -> dict[str, Any]:
+        own_hash = parameter_hash(self.model)
+        hashes = [own_hash]
+        if self.dist.enabled:
+            hashes = [None] * self.dist.world_size
+            dist.all_gather_object(hashes, own_hash)
+            if len(set(hashes)) != 1 and self.dist.main:
+                print(f"warning: parameters differ across ranks at the end of the run: {hashes}", file=sys.stderr)
+        counts = count_parameters(self.model)
+        state_bytes = accounting.optimizer_state_bytes(self.optimizer)
+        # Median step time after the first few steps (start-up, allocator and thread warm-up).
+        warm = step_times[min(len(step_times) - 1, 3):] if step_times else [float("nan")]
+        return {
+            "method": self.method.name,
+            "model": Path(self.cfg.model).stem,
+            "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "final_train_loss": statistics.fmean(recent_losses) if recent_losses else None,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+            "tokens_per_s": self.tokens_per_step / statistics.median(warm),
+            "trainable_params": counts.trainable,
+            "frozen_params": counts.frozen,
+            "optimizer_state_bytes": state_bytes,
+            "model_state_bytes": accounting.parameter_bytes(self.model) + accounting.gradient_bytes(self.model) + state_bytes,
+            "peak_memory_bytes": accounting.peak_memory_bytes(self.device),
+            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss",
+            "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            "world_size": self.dist.world_size,
+            "parameter_hashes": hashes,
+            "precision": self.precision,
+            "run_dir": str(self.folder.path),
+        }
+
+
+def pretrain(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a pretraining run and return its summary."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
