@@ -152,7 +152,7 @@ def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n<!-- bench:smoke -->\n") and text.endswith("<!-- /bench:smoke -->\nafter\n")
     assert "| `adamw` | peer | 0.001 |" in text and "(1.00×)" in text and "old" not in text
-    assert "Learning-rate sweep for `lowrank_sparse`" in text and "Our best memory-efficient contender" in text
+    assert "Sweeps (first seed" in text and "\n- `lowrank_sparse`: 0.00075 → " in text and "Our best memory-efficient contender" in text
     for png in ("smoke_val_ppl.png", "smoke_memory_vs_ppl.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
 

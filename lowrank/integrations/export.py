@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import resolve_checkpoint
-from ..errors import UsageError
 from ..dtypes import DTYPES, dtype_name
+from ..errors import UsageError
+from ..run.checkpoint import resolve_checkpoint
+from ..run.folder import CheckpointMeta, RunFolder
 
 __all__ = ["export_model", "load_run_model", "find_checkpoint", "add_arguments", "run_from_args"]
 
