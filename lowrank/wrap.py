@@ -92,6 +92,11 @@ class LowRankConfig:
             return self.rank
         return rank_from_ratio(self.rank_ratio, out_features, in_features)
 
+    def layer_options(self) -> dict:
+        """The :class:`LowRankLinear` keyword arguments this config sets for every layer."""
+        return {"alpha": self.alpha, "keep_base": self.keep_base, "sparse_density": self.sparse_density, "init": self.init,
+                "sparse_init": self.sparse_init}
+
     def to_dict(self) -> dict:
         data = asdict(self)
         for key in ("target_modules", "exclude_modules"):
@@ -180,16 +185,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
         plan.append((name, module, rank))
 
     for index, (name, module, rank) in enumerate(plan):
-        layer = LowRankLinear.from_module(
-            module,
-            rank,
-            alpha=config.alpha,
-            keep_base=config.keep_base,
-            sparse_density=config.sparse_density,
-            init=config.init,
-            sparse_init=config.sparse_init,
-            seed=derive_seed(config.seed, index),
-        )
+        layer = LowRankLinear.from_module(module, rank, **config.layer_options(), seed=derive_seed(config.seed, index))
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, layer)

@@ -46,15 +46,21 @@ def test_jagged_cosine_formula():
     assert jagged_cosine(12, **{**kwargs, "warmup_steps": 0}) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 12 / 100)))
 
 
+def wrapped_with_controller(optimizer_cls, **controller_options):
+    """A wrapped tiny LLaMA, its optimizer and controller, its factors and its other parameters."""
+    model = lowrank.wrap(build("llama"), LowRankConfig(rank=4)).train()
+    optimizer = optimizer_cls(model.parameters(), lr=1e-3)
+    controller = RestartController(model, optimizer, total_steps=20, cycle_length=3, **controller_options)
+    factors = [p for layer in lowrank.lowrank_layers(model).values() for p in (layer.A, layer.B)]
+    others = [p for p in model.parameters() if all(p is not f for f in factors)]
+    return model, optimizer, controller, factors, others
+
+
 @pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
 def test_factor_reset_without_an_event_zeroes_only_the_factor_moments(optimizer_cls):
     """reset='factors', event='none': the ablation's "momentum reset only" leaves weights as they are."""
-    model = lowrank.wrap(build("llama"), LowRankConfig(rank=4)).train()
-    optimizer = optimizer_cls(model.parameters(), lr=1e-3)
-    controller = RestartController(model, optimizer, total_steps=20, cycle_length=3, event="none", reset="factors")
+    model, optimizer, controller, factors, others = wrapped_with_controller(optimizer_cls, event="none", reset="factors")
     ids = tokens(2, 16)
-    factors = [p for layer in lowrank.lowrank_layers(model).values() for p in (layer.A, layer.B)]
-    others = [p for p in model.parameters() if all(p is not f for f in factors)]
     train_steps(model, optimizer, controller, 2, ids)
     model(ids, labels=ids).loss.backward()
     optimizer.step()
@@ -74,12 +80,9 @@ def test_factor_reset_without_an_event_zeroes_only_the_factor_moments(optimizer_
 
 @pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
 def test_refactorize_event_resets_exactly_the_factors(optimizer_cls):
-    model = lowrank.wrap(build("llama"), LowRankConfig(rank=4)).train()
-    optimizer = optimizer_cls(model.parameters(), lr=1e-3)
-    controller = RestartController(model, optimizer, total_steps=20, cycle_length=3, event="auto", reset="changed")
+    model, optimizer, controller, factors, others = wrapped_with_controller(optimizer_cls, event="auto", reset="changed")
     ids = tokens(2, 16)
-    factors = {id(p) for layer in lowrank.lowrank_layers(model).values() for p in (layer.A, layer.B)}
-    others = [p for p in model.parameters() if id(p) not in factors]
+    factors = {id(p) for p in factors}
     events = train_steps(model, optimizer, controller, 2, ids)
     assert events == [None, None]
     before = {id(p): [m.clone() for m in moments(optimizer, p)] for p in others}
