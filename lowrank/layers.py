@@ -48,7 +48,7 @@ support, as SLTrain's released code does (``splora_linear.py``, with ``A`` Kaimi
 which is the ``lora`` factor init); ``zeros`` starts ``S = 0`` (so a layer with a frozen base, or a
 spectral start, keeps the function it replaces)."""
 
-class _SparseLinear(torch.autograd.Function):
+class SparseLinearFunction(torch.autograd.Function):
     """``x @ Sᵀ`` for a sparse ``S`` given by ``values`` at flat ``indices`` of an ``m × n`` matrix.
 
     The dense ``S`` is rebuilt in backward instead of being saved, so a sparse layer holds no
@@ -240,7 +240,7 @@ class LowRankLinear(nn.Module):
         if self.base_weight is not None:
             out = out + F.linear(x, self.base_weight)
         if self.sparse_values is not None:
-            out = out + _SparseLinear.apply(x, self.sparse_values, self.sparse_indices, self.out_features, self.in_features)
+            out = out + SparseLinearFunction.apply(x, self.sparse_values, self.sparse_indices, self.out_features, self.in_features)
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -25,6 +25,7 @@ __all__ = [
     "STREAM_GAUSSIAN",
     "STREAM_SKETCH",
     "STREAM_SPARSE_VALUES",
+    "STREAM_FAKE_QUANT",
 ]
 
 # One stream per kind of draw, so that no two kinds ever share numbers (e.g. the sparse support
@@ -37,6 +38,7 @@ STREAM_SUBSET = 4
 STREAM_GAUSSIAN = 5
 STREAM_SKETCH = 6
 STREAM_SPARSE_VALUES = 7
+STREAM_FAKE_QUANT = 0x51  # stochastic rounding of fake-quantized activations (lowrank.quant.fake)
 
 _MASK64 = (1 << 64) - 1
 

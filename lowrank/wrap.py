@@ -131,7 +131,7 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, (*_LINEAR_TYPES, LowRankLinear))]
 
 
-def _describe_linears(model: nn.Module) -> str:
+def describe_linears(model: nn.Module) -> str:
     names = _linear_names(model)
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
     example = names[0] if names else "<none>"
@@ -159,7 +159,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
     if not matched:
         raise ValueError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no module; "
-            + _describe_linears(model)
+            + describe_linears(model)
         )
     for name, module in matched:
         if isinstance(module, LowRankLinear):
@@ -167,7 +167,7 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
         if not isinstance(module, _LINEAR_TYPES):
             raise ValueError(
                 f"target_modules matches {name!r}, a {type(module).__name__}: only nn.Linear and Conv1D can be "
-                f"factorized; narrow target_modules or add it to exclude_modules. " + _describe_linears(model)
+                f"factorized; narrow target_modules or add it to exclude_modules. " + describe_linears(model)
             )
 
     shared = _tied_weights(model)

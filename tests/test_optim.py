@@ -471,6 +471,9 @@ CHECKPOINT_CONFIGS = [
     dict(density=0.3, reset_interval=4, adaptive_clip=True, norm_scaling=True),
     dict(projection="svd", rank=3, update_proj_gap=4, state_dtype=torch.float32),
     dict(reset_interval=4, reset_warmup=3, foreach=True, state_dtype=torch.float32),
+    # Low-bit moments; these shapes are under 4096 entries, so they stay full precision (the
+    # quantized resume: tests/test_lowbit.py).
+    dict(projection="svd", rank=3, update_proj_gap=4, density=0.5, reset_interval=4, state_bits=4),
 ]
 
 
@@ -523,6 +526,7 @@ BAD_OPTIONS = [
     ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.99)), ("projection", "qr"), ("residual", "lora"),
     ("update_proj_gap", 0), ("gammas", (0.7, 0.9)), ("scale_type", "row"), ("reset_interval", -1),
     ("scale", 0.0), ("spike_threshold", -1.0), ("state_dtype", torch.int32), ("foreach", "yes"),
+    ("state_bits", 3), ("state_bits", "8"),
 ]
 
 
@@ -568,6 +572,13 @@ LAYOUT_MODES = {
     "bf16": dict(projection="svd", rank=3, dtype=torch.bfloat16),
     "bf16-fp32-state": dict(projection="svd", rank=3, density=0.5, dtype=torch.bfloat16, state_dtype=torch.float32),
     "bf16-fp32-state-plain": dict(dtype=torch.bfloat16, state_dtype=torch.float32, foreach=True),
+    # Low-bit moments: every moment here is under 4096 entries and stays in the state dtype; the
+    # quantized layouts are checked on larger shapes in tests/test_lowbit.py.
+    "8bit": dict(state_bits=8),
+    "4bit-foreach-bf16": dict(state_bits=4, foreach=True, dtype=torch.bfloat16),
+    "4bit-projected-sparse": dict(state_bits=4, projection="svd", rank=3, density=0.5, update_proj_gap=1),
+    "8bit-stable-spam-fp32-state": dict(state_bits=8, adaptive_clip=True, norm_scaling=True, spike_threshold=50.0,
+                                        dtype=torch.bfloat16, state_dtype=torch.float32),
 }
 COUNTERS = {"step", "total_step", "resets"}
 

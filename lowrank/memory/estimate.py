@@ -23,8 +23,8 @@ from transformers import PretrainedConfig
 
 from ..accounting import buffer_bytes, gradient_bytes, parameter_bytes
 from ..errors import UsageError
-from ..optim import ProjectedAdamW
-from ..optim.layout import KINDS, state_layout, torch_adamw_state_layout
+from ..optim import Muon, ProjectedAdamW
+from ..optim.layout import KINDS, muon_state_layout, state_layout, torch_adamw_state_layout
 from ..wrap import count_parameters, lowrank_layers
 from .activations import ActivationBytes, llama_activation_bytes
 from .build import build, check_size, dtype_name, load_config, parse_dtype, resolve
@@ -184,7 +184,7 @@ def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.d
 
 
 def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, int], int]:
-    """Bytes the state of ``optimizer`` (``torch.optim.AdamW`` or ``ProjectedAdamW``) will hold
+    """Bytes the state of ``optimizer`` (``torch.optim.AdamW``, ``ProjectedAdamW`` or ``Muon``) will hold
     once every parameter has stepped: the sum of :mod:`lowrank.optim.layout` over its parameter
     groups, without stepping.
 
@@ -193,7 +193,12 @@ def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, 
         ``optimizer.state`` (sparse-momentum index caches).
     """
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
-    if isinstance(optimizer, ProjectedAdamW):
+    if isinstance(optimizer, Muon):  # its AdamW groups are ProjectedAdamW's
+        layouts = [
+            (muon_state_layout if group["use_muon"] else state_layout)(tuple(p.shape), p.dtype, group)
+            for p, group in params
+        ]
+    elif isinstance(optimizer, ProjectedAdamW):
         layouts = [state_layout(tuple(p.shape), p.dtype, group) for p, group in params]
     elif type(optimizer) is torch.optim.AdamW:
         if any(group.get("amsgrad") for group in optimizer.param_groups):

@@ -1,4 +1,5 @@
-"""ProjectedAdamW: AdamW with gradient projection, sparse momentum, spike handling and resets."""
+"""ProjectedAdamW: AdamW with gradient projection, sparse momentum, spike handling, resets and
+8-/4-bit moments."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import lowbit
 from . import projection as proj
 from . import spikes
-from .layout import MOMENT_KEYS, state_layout
+from .layout import ABSMAX_KEYS, MOMENT_KEYS, MOMENT_SIGNED, state_layout
 from ..seeding import STREAM_SUBSET, sample_subset, subset_size
 
 PROJECTIONS = (None, "svd", "randomized", "random")
@@ -43,6 +45,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "gammas": (0.7, 0.9, 0.999),
     "seed": 0,
     "state_dtype": None,
+    "state_bits": None,
     "foreach": None,
 }
 
@@ -134,6 +137,19 @@ class ProjectedAdamW(Optimizer):
        (``reset_warmup`` W > 0: from 0.01 at a reset along a cosine to 1 after W steps; there is
        no warm-up at the start of training, the LR schedule does that).
 
+    **Low-bit moments** (``state_bits`` 8 or 4; ``None``, the default, keeps them in
+    ``state_dtype``): block-wise dynamic quantization as in bitsandbytes' 8-bit optimizers
+    (arXiv 2110.02861) and torchao's ``AdamW8bit`` / ``AdamW4bit`` (:mod:`lowrank.optim.lowbit`:
+    blocks of 256 / 128 entries, one fp32 absmax per block, a signed code book for ``m``, an
+    unsigned one for ``v``). It applies to whatever the moments hold in every mode: the
+    parameter, the projected ``R``, the kept sparse entries, a low-rank factor. Each step
+    dequantizes both moments to fp32, runs steps 5–6 on them in fp32 (the spike clip compares
+    with the dequantized ``v_{t-1}``; the update uses the fp32 moments, not their rounding) and
+    requantizes them, as both libraries do. Moments of fewer than 4096 entries stay in
+    ``state_dtype``; a 4-bit moment whose size 128 does not divide is a ``ValueError`` when the
+    group is added. Resets zero codes and scales (which dequantize to zero). Quantized
+    parameters take the per-parameter path, also with ``foreach``.
+
     Clocks: each parameter counts its own steps. The projection refresh clock (``update_proj_gap``)
     and the reset clock (``reset_interval``) are independent, as in GaLore and SPAM; a reset does
     not recompute ``P``, and a new ``P`` does not reset the moments (GaLore keeps them too).
@@ -160,7 +176,9 @@ class ProjectedAdamW(Optimizer):
             ``power_iters=2``, ``residual=None``, ``reset_interval=0``, ``reset_warmup=0``,
             ``density=1.0``, ``spike_threshold=0.0``, ``spike_skip_steps=20``,
             ``adaptive_clip=False``, ``norm_scaling=False``, ``gammas=(0.7, 0.9, 0.999)``,
-            ``seed=0``, ``state_dtype=None``, ``foreach=None``: batch plain-Adam parameters with
+            ``seed=0``, ``state_dtype=None`` (the full-precision dtype of moments, projectors
+            and of moments too small to quantize; ``None``: the parameter's), ``state_bits=None``
+            (8 or 4: quantized moments, above), ``foreach=None``: batch plain-Adam parameters with
             ``torch._foreach_*`` kernels; ``None`` means on accelerators but not on the CPU, where
             the per-parameter loop is faster).
     """
@@ -191,6 +209,15 @@ class ProjectedAdamW(Optimizer):
         validate_group({**self.defaults, **param_group}, f"param_groups[{index}]")
         super().add_param_group(param_group)
         self._param_index = None
+        group = self.param_groups[-1]
+        if group["state_bits"] is not None:
+            # Shapes are known now: a moment the 4-bit block does not divide fails here, not at a step.
+            try:
+                for p in group["params"]:
+                    state_layout(tuple(p.shape), p.dtype, group)
+            except ValueError as error:
+                self.param_groups.pop()
+                raise ValueError(f"param_groups[{index}]: {error}") from None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -268,7 +295,7 @@ class ProjectedAdamW(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("ProjectedAdamW does not support sparse gradients")
-                if self._is_plain(p, group) and self._use_foreach(p, group):
+                if self._is_plain(p, group) and self._use_foreach(p, group) and not self._quantized_plain(p, group):
                     plain.append(p)
                 else:
                     self._step_param(p, group)
@@ -293,6 +320,11 @@ class ProjectedAdamW(Optimizer):
             or group["adaptive_clip"]
             or group["norm_scaling"]
         )
+
+    @staticmethod
+    def _quantized_plain(p: torch.Tensor, group: dict[str, Any]) -> bool:
+        # A plain parameter's moments are shaped like it.
+        return lowbit.is_quantized(p.numel(), group.get("state_bits"))
 
     @staticmethod
     def _use_foreach(p: torch.Tensor, group: dict[str, Any]) -> bool:
@@ -325,6 +357,8 @@ class ProjectedAdamW(Optimizer):
     def _reset_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         for key in MOMENT_KEYS:
             state[key].zero_()
+            if ABSMAX_KEYS[key] in state:  # quantized: zero codes and scales dequantize to 0
+                state[ABSMAX_KEYS[key]].zero_()
         state["step"] = 0
         state["resets"] += 1
         if "limiter_norm" in state:
@@ -443,7 +477,9 @@ class ProjectedAdamW(Optimizer):
             indices = self._subset(p, group, state, low.numel())
             moment_input = low.reshape(-1).index_select(0, indices)
 
-        exp_avg, exp_avg_sq = (self._state_tensor(p, group, state, key) for key in MOMENT_KEYS)
+        exp_avg, exp_avg_sq, quantized = self._moments(p, group, state, moment_input.shape)
+        if quantized:
+            moment_input = moment_input.float()
 
         if group["spike_threshold"] > 0 and state["step"] >= group["spike_skip_steps"]:
             moment_input = spikes.spam_clip(moment_input, exp_avg_sq, group["spike_threshold"])
@@ -452,13 +488,15 @@ class ProjectedAdamW(Optimizer):
         state["total_step"] += 1
         exp_avg.lerp_(moment_input, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(moment_input, moment_input, value=1.0 - beta2)
+        if quantized:
+            self._store_moments(group, state, (exp_avg, exp_avg_sq))
         bias1 = 1.0 - beta1 ** state["step"]
         bias2_sqrt = math.sqrt(1.0 - beta2 ** state["step"])
         # m/(sqrt(v) + eps·sqrt(bc2)) times lr·sqrt(bc2)/bc1 is torch's lr/bc1 · m/(sqrt(v)/sqrt(bc2)
         # + eps) rearranged. Keeping the bias factor out of the direction makes Fira's and APOLLO's
         # norm ratios and limiter see the same quantity as in their papers.
         denom = exp_avg_sq.sqrt().add_(eps * bias2_sqrt)
-        direction = torch.div(exp_avg, denom, out=denom)
+        direction = torch.div(exp_avg, denom, out=denom).to(dtype)
         step_size = lr * bias2_sqrt / bias1 * self._warmup(group, state)
 
         if group["weight_decay"] != 0:
@@ -488,6 +526,33 @@ class ProjectedAdamW(Optimizer):
         else:
             update = direction
         p.add_(update.to(p.dtype), alpha=-step_size)
+
+    def _moments(
+        self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], shape: torch.Size
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(exp_avg, exp_avg_sq, quantized)`` shaped ``shape``, to update in place: the state
+        tensors themselves or, when the layout stores them quantized, their fp32 dequantization,
+        which :meth:`_store_moments` writes back."""
+        stored = [self._state_tensor(p, group, state, key) for key in MOMENT_KEYS]
+        if stored[0].dtype != torch.uint8:
+            return stored[0], stored[1], False
+        numel = math.prod(shape)
+        m, v = (
+            lowbit.dequantize_blockwise(
+                codes, self._state_tensor(p, group, state, ABSMAX_KEYS[key]), group["state_bits"],
+                MOMENT_SIGNED[key], numel,
+            ).view(shape)
+            for key, codes in zip(MOMENT_KEYS, stored)
+        )
+        return m, v, True
+
+    @staticmethod
+    def _store_moments(group: dict[str, Any], state: dict[str, Any], moments: tuple[torch.Tensor, ...]) -> None:
+        """Requantize fp32 ``moments`` into their codes and block scales."""
+        for key, value in zip(MOMENT_KEYS, moments):
+            codes, absmax = lowbit.quantize_blockwise(value, group["state_bits"], MOMENT_SIGNED[key])
+            state[key].copy_(codes)
+            state[ABSMAX_KEYS[key]].copy_(absmax)
 
     def _limit(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], update: torch.Tensor) -> torch.Tensor:
         return proj.limit_norm_growth(update, self._state_tensor(p, group, state, "limiter_norm"))
@@ -560,6 +625,9 @@ def validate_group(group: dict[str, Any], where: str) -> None:
     state_dtype = group["state_dtype"]
     if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
         fail(f"state_dtype must be None or a floating torch.dtype, got {state_dtype!r}")
+    state_bits = group["state_bits"]
+    if state_bits is not None and (type(state_bits) is not int or state_bits not in lowbit.BITS):
+        fail(f"state_bits must be one of (None, {', '.join(map(str, lowbit.BITS))}), got {state_bits!r}")
     if group["residual"] is not None and group["projection"] not in ("svd", "randomized"):
         fail(f"residual={group['residual']!r} needs projection 'svd' or 'randomized', got {group['projection']!r}")
     if density < 1.0 and (group["projection"] == "random" or group["residual"] is not None):

@@ -18,6 +18,15 @@ group with options ``group``; ``s = group["state_dtype"] or dtype``:
     ``m × r``, with ``r = effective_rank(shape, rank)`` (:mod:`lowrank.optim.projection`);
   - with sparse momentum (``density < 1``, 2-D): a flat vector of
     ``k = subset_size(numel, density)`` entries, ``numel`` being that of ``p`` or of ``R``.
+
+  With ``state_bits`` b (8 or 4; ``None``, the default, keeps the above) a moment of ``N ≥ 4096``
+  entries (:data:`lowrank.optim.lowbit.MIN_QUANTIZED_NUMEL`; ``N`` as above: ``p``'s, ``R``'s or
+  ``k``) is stored block-wise quantized (:mod:`lowrank.optim.lowbit`; blocks of ``B = 256`` for
+  8 bits, ``128`` for 4): ``exp_avg`` / ``exp_avg_sq`` become the flat ``uint8`` codes,
+  ``(ceil(N·b/8),)``, and ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` the fp32 block scales,
+  ``(ceil(N/B),)``, both of kind "moments". Smaller moments stay in ``s``. A 4-bit moment whose
+  ``N`` the block does not divide is a ``ValueError``. The code books are shared constants of
+  the format (``lowbit.code_book``), not state.
 * **projectors** ``projector``: the ``min(m, n) × r`` basis in ``s``, with ``projection`` set.
 * **scalars**, 0-dim fp32: ``limiter_norm`` (the norm-growth limiter) with Fira's residual
   (``residual="fira"`` on ``"svd"``/``"randomized"``) or APOLLO's ``"random"`` projection;
@@ -41,13 +50,27 @@ from typing import Any, NamedTuple
 import torch
 
 from ..seeding import index_dtype, subset_size
+from . import lowbit
 from .projection import effective_rank, is_left
 
-__all__ = ["KINDS", "MOMENT_KEYS", "ParamStateLayout", "TensorSpec", "state_layout", "torch_adamw_state_layout"]
+__all__ = [
+    "ABSMAX_KEYS",
+    "KINDS",
+    "MOMENT_KEYS",
+    "MOMENT_SIGNED",
+    "ParamStateLayout",
+    "TensorSpec",
+    "state_layout",
+    "torch_adamw_state_layout",
+]
 
 # The groups of state tensors, as ``MemoryEstimate.optimizer_detail`` reports them.
 KINDS = ("moments", "projectors", "scalars")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# With ``state_bits``: the block scales of each quantized moment, and which code book it uses
+# (signed for ``m``, unsigned for ``v``).
+ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
+MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
 
 _SCALAR_DTYPE = torch.float32
 
@@ -130,11 +153,44 @@ def state_layout(shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str,
     if group["norm_scaling"]:
         scalars["norm_avg"] = _scalar()
         scalars["norm_sq_avg"] = _scalar()
-    moments = {key: TensorSpec(moment_shape, state_dtype) for key in MOMENT_KEYS}
+    moments = _moment_specs(shape, moment_shape, state_dtype, group.get("state_bits"))
     return ParamStateLayout(moments=moments, projectors=projectors, scalars=scalars, outside=outside)
+
+
+def _moment_specs(
+    shape: tuple[int, ...], moment_shape: tuple[int, ...], dtype: torch.dtype, bits: int | None
+) -> dict[str, TensorSpec]:
+    """Both moments of ``moment_shape``: in ``dtype``, or as codes and block scales (module docstring)."""
+    numel = math.prod(moment_shape)
+    if not lowbit.is_quantized(numel, bits):
+        return {key: TensorSpec(moment_shape, dtype) for key in MOMENT_KEYS}
+    try:
+        lowbit.check_quantizable(numel, bits)
+    except ValueError as error:
+        raise ValueError(
+            f"state_bits={bits} cannot store the moments of a parameter of shape {shape} ({numel} entries): "
+            f"{error}; give it state_bits=8 in a group of its own, or a rank/density that makes them fit"
+        ) from None
+    specs = {}
+    for key in MOMENT_KEYS:
+        specs[key] = TensorSpec((lowbit.codes_numel(numel, bits),), torch.uint8)
+        specs[ABSMAX_KEYS[key]] = TensorSpec((lowbit.num_blocks(numel, bits),), torch.float32)
+    return specs
 
 
 def torch_adamw_state_layout(shape: tuple[int, ...], dtype: torch.dtype) -> ParamStateLayout:
     """``torch.optim.AdamW``'s state (``amsgrad=False``) for a parameter of ``shape`` and ``dtype``."""
     moments = {key: TensorSpec(tuple(shape), dtype) for key in MOMENT_KEYS}
     return ParamStateLayout(moments=moments, scalars={"step": _scalar()})
+
+
+def muon_state_layout(shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> ParamStateLayout:
+    """``lowrank.optim.Muon``'s state for a parameter of ``shape`` and ``dtype`` in a Muon group
+    (``use_muon=True``): the moment ``momentum_buffer``, shaped like ``p``, in
+    ``group["state_dtype"] or dtype``; the counter ``step`` is a Python int. Parameters in Muon's
+    AdamW groups (``use_muon=False``) have ProjectedAdamW's state, :func:`state_layout`.
+    """
+    return ParamStateLayout(moments={"momentum_buffer": TensorSpec(tuple(shape), group.get("state_dtype") or dtype)})
+
+
+__all__ += ["muon_state_layout"]
