@@ -590,7 +590,7 @@ def test_state_after_a_step_is_exactly_the_layout(mode):
 
     options = dict(LAYOUT_MODES[mode])
     dtype = options.pop("dtype", torch.float32)
-    shapes = [(12, 20), (20, 12), (2, 20), (6,), (2, 3, 4)]  # (2, 20): rank 3 > min(m, n)
+    shapes = [(12, 20), (20, 12), (3, 20), (6,), (2, 3, 4)]  # (3, 20): rank 3 = min(m, n)
     params = make_params(shapes, dtype=dtype)
     opt = ProjectedAdamW(params, lr=1e-2, weight_decay=0.01, reset_interval=2, **options)
     run(opt, params, make_grads(shapes, 3))  # past a reset (new subset) and projector refreshes
@@ -662,3 +662,25 @@ def test_torch_adamw_state_layout_matches_torch():
         assert {k: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items()} == {
             k: tuple(s) for k, s in layout.tensors().items()}
         assert layout.bytes_by_kind() == {"moments": 2 * 2 * p.numel(), "projectors": 0, "scalars": 4}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lr=float("inf")), "lr must be a finite number >= 0"),
+        (dict(lr=1e-3, eps=float("inf")), "eps must be a finite number >= 0"),
+        (dict(lr=1e-3, weight_decay=float("inf")), "weight_decay must be a finite number >= 0"),
+        (dict(lr=1e-3, projection="svd", rank=13), r"rank 13 is larger than a 12×20 matrix allows \(at most 12\)"),
+    ],
+)
+def test_values_that_would_train_silently_and_wrongly_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        ProjectedAdamW(make_params([(12, 20)]), **options)
+
+
+def test_an_unknown_group_key_is_refused_with_the_closest_option():
+    params = make_params([(4, 5)])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: unknown option 'desnity'; did you mean 'density'\?"):
+        ProjectedAdamW([{"params": params, "desnity": 0.5}], lr=1e-3)
+    # bookkeeping keys of schedulers and of the restart controller are fine
+    ProjectedAdamW([{"params": params, "group_name": "matrix", "base_lr": 1e-3, "initial_lr": 1e-3}], lr=1e-3)

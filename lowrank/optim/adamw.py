@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,6 +16,11 @@ from . import lowbit
 from . import projection as proj
 from . import spikes
 from .layout import ABSMAX_KEYS, MOMENT_KEYS, MOMENT_SIGNED, state_layout
+
+# Keys a parameter group may carry besides the options: its parameters, a label, what LR
+# schedulers and the restart controller add, and lowrank.optim.Muon's flag for the AdamW groups it
+# steps with this optimizer.
+_GROUP_BOOKKEEPING = frozenset({"params", "param_names", "group_name", "name", "base_lr", "initial_lr", "use_muon"})
 from ..seeding import STREAM_SUBSET, sample_subset, subset_size
 
 PROJECTIONS = (None, "svd", "randomized", "random")
@@ -206,7 +212,14 @@ class ProjectedAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
-        validate_group({**self.defaults, **param_group}, f"param_groups[{index}]")
+        where = f"param_groups[{index}]"
+        unknown = sorted(set(param_group) - set(self.defaults) - _GROUP_BOOKKEEPING)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(self.defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known options: {', '.join(sorted(self.defaults))}"
+            raise ValueError(f"{where}: unknown option {unknown[0]!r}{hint}")
+        validate_group({**self.defaults, **param_group}, where)
+        _check_projection_rank({**self.defaults, **param_group}, where)
         super().add_param_group(param_group)
         self._param_index = None
         group = self.param_groups[-1]
@@ -561,6 +574,18 @@ class ProjectedAdamW(Optimizer):
 # ---------------------------------------------------------------------- validation
 
 
+def _check_projection_rank(group: dict[str, Any], where: str) -> None:
+    """A projection rank above a matrix's ``min(m, n)`` is refused, not silently capped."""
+    if group["projection"] is None:
+        return
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    for p in params:
+        if isinstance(p, torch.Tensor) and p.dim() == 2 and group["rank"] > min(p.shape):
+            raise ValueError(f"{where}: rank {group['rank']} is larger than a {p.shape[0]}×{p.shape[1]} matrix allows "
+                             f"(at most {min(p.shape)}); lower rank or leave that matrix out of the group")
+
+
 def validate_group(group: dict[str, Any], where: str) -> None:
     """Raise ``ValueError("param_groups[i]: <option> ...")`` for the first invalid option."""
 
@@ -587,8 +612,9 @@ def validate_group(group: dict[str, Any], where: str) -> None:
             fail(f"{name} must be True or False, got {group[name]!r}")
 
     for name in ("lr", "eps", "weight_decay", "spike_threshold"):
-        if number(name) < 0:
-            fail(f"{name} must be >= 0, got {group[name]}")
+        value = number(name)
+        if value < 0 or math.isinf(value):
+            fail(f"{name} must be a finite number >= 0, got {group[name]}")
     for name, count in (("betas", 2), ("gammas", 3)):
         values = group[name]
         if not isinstance(values, (tuple, list)) or len(values) != count:
