@@ -121,16 +121,16 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
 
 
 def preset_as_written(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The preset's YAML with the dotted ``overrides`` set, and the ``schedule`` / ``training``
-    sections completed with their defaults: what a run's settings hash covers. It depends on
-    what the preset says, not on how :class:`lowrank.methods.Method` represents it, so result
-    files stay valid across versions of the library."""
+    """The preset's YAML sections with the dotted ``overrides`` set: what a run's settings hash
+    covers. It depends on what the preset says, not on how :class:`lowrank.methods.Method`
+    represents it or on the library's defaults, so result files stay valid across versions of
+    the library (every bundled preset writes its schedule and training keys out)."""
     import yaml
 
-    from lowrank.methods.presets import _preset_path
-    from lowrank.methods.sections import ScheduleSection, TrainingSection, set_dotted
+    from lowrank.methods.presets import preset_path
+    from lowrank.methods.sections import set_dotted
 
-    path = _preset_path(preset)
+    path = preset_path(preset)
     data = yaml.safe_load(path.read_text()) or {}
     for dotted, value in overrides.items():
         set_dotted(data, dotted, value)
@@ -140,8 +140,8 @@ def preset_as_written(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
         "lowrank": data.get("lowrank"),
         "optimizer": data["optimizer"],
         "restarts": data.get("restarts"),
-        "schedule": {**ScheduleSection().to_dict(), **(data.get("schedule") or {})},
-        "training": {**TrainingSection().to_dict(), **(data.get("training") or {})},
+        "schedule": data.get("schedule") or {},
+        "training": data.get("training") or {},
     }
 
 

@@ -337,7 +337,7 @@ class LowRankLinear(nn.Module):
 
 
 def check_sparse_density(density: float) -> None:
-    if not 0.0 <= density < 1.0:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density < 1.0:
         raise ValueError(
             f"sparse_density must be in [0, 1) (a fraction of the m×n entries; SLTrain uses 0.01–0.03; 0 turns the sparse "
             f"part off), got {density!r}"

@@ -3,6 +3,7 @@ Hugging Face config JSON, or a hub name."""
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import json
 from importlib import resources
@@ -13,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import UsageError
 
-__all__ = ["available_models", "load_model_config", "build_model", "config_dir"]
+__all__ = ["available_models", "load_model_config", "build_model", "config_dir", "check_model_shape"]
 
 
 def config_dir(kind: str) -> Path:
@@ -38,16 +39,20 @@ def load_model_config(model: str, **overrides) -> PretrainedConfig:
             raise UsageError(f"--model {model}: the folder has no config.json; pass a config JSON file or a bundled name ({', '.join(available_models())})")
     if path.is_file():
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--model {model}: not valid JSON ({error}); pass a Hugging Face config.json") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UsageError(f"--model {model}: not a JSON text file ({reason}); pass a Hugging Face config.json") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--model {model}: the JSON is a {type(data).__name__}, not a mapping of config keys")
         if "model_type" not in data:
             raise UsageError(f"--model {model}: the JSON has no 'model_type', so it is not a Hugging Face model config")
+        check_model_shape(data, f"--model {model}")
         model_type = data.pop("model_type")
         try:
             config = AutoConfig.for_model(model_type, **data)
-        except ValueError as error:
-            raise UsageError(f"--model {model}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - transformers validates with several error types
+            raise UsageError(f"--model {model}: {str(error).strip().splitlines()[-1].strip()}") from None
     else:
         looks_like_hub = model.count("/") == 1 and not model.startswith((".", "/", "~"))
         if not looks_like_hub:
@@ -67,7 +72,37 @@ def load_model_config(model: str, **overrides) -> PretrainedConfig:
     for key, value in overrides.items():
         setattr(config, key, value)
     _require_causal_lm(config, model)
+    check_model_shape(config, f"--model {model}")
     return config
+
+
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_positions", "n_inner")
+
+
+def check_model_shape(config: PretrainedConfig | dict, where: str) -> None:
+    """Sizes are positive integers and the attention heads divide the width, so a bad config
+    (a ``PretrainedConfig`` or its JSON dict) fails here in one line instead of deep inside
+    ``from_config``."""
+
+    def getattr(obj, key, default=None):  # noqa: A001 - the config or its dict alike
+        return obj.get(key, default) if isinstance(obj, dict) else builtins.getattr(obj, key, default)
+
+    for key in _POSITIVE_SIZES:
+        value = getattr(config, key, None)
+        if value is None and key in ("num_key_value_heads", "n_inner"):
+            continue  # optional: defaults to the number of heads / 4 × width
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UsageError(f"{where}: {key} must be a positive integer, got {value!r}")
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise UsageError(f"{where}: num_attention_heads ({heads}) must divide hidden_size ({hidden})")
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise UsageError(f"{where}: num_key_value_heads ({kv_heads}) must divide num_attention_heads ({heads})")
 
 
 def _require_causal_lm(config: PretrainedConfig, name: str) -> None:

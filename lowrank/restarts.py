@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .wrap import lowrank_layers
 
@@ -131,7 +132,10 @@ class RestartController:
     so no separate LR scheduler can drift from the event clock; :meth:`lr_lambda` gives the same
     multiplier to code that needs an LR scheduler object (e.g. Hugging Face ``Trainer``).
 
-    Under ``torch.distributed`` the changed factors are broadcast from rank 0 after each event,
+    Under FSDP2 (``lowrank.distributed.fsdp.shard_model``: the factors are DTensor shards) each
+    layer's event is computed once from its gathered factors on an owner rank and broadcast
+    (:func:`lowrank.distributed.fsdp.sharded_layer_events`). Under DDP (plain tensors) every rank
+    computes the event and the changed factors are broadcast from rank 0 after each event,
     so every rank holds bit-identical weights whatever its LAPACK threads did.
 
     Args:
@@ -170,6 +174,14 @@ class RestartController:
         manage_lr: bool = True,
         start_step: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"RestartController(model=...) needs a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"RestartController(optimizer=...) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for name, value in (("total_steps", total_steps), ("cycle_length", cycle_length), ("warmup_steps", warmup_steps),
+                            ("rewarmup_steps", rewarmup_steps), ("start_step", start_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"RestartController({name}=...) must be a whole number of steps, got {value!r}")
         if event not in EVENTS:
             raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
         if reset not in RESETS:
@@ -249,17 +261,31 @@ class RestartController:
         changed: list[torch.Tensor] = []
         top_singular_values = []
         event = None
-        for layer in layers.values():
-            if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None):
-                layer.merge()
+        kinds = {name: "merge" if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None)
+                 else "refactorize" for name, layer in layers.items()}
+        # FSDP2 layers (DTensor factors): gathered, computed once on an owner rank, broadcast and
+        # written back as shards, all layers in one pass (lowrank.distributed.fsdp).
+        sharded = [name for name, layer in layers.items() if _is_dtensor(layer.A)]
+        results = {}
+        if sharded:
+            from .distributed.fsdp import sharded_layer_events
+
+            outcomes = sharded_layer_events([(layers[name], kinds[name]) for name in sharded])
+            results = dict(zip(sharded, outcomes))
+        for name, layer in layers.items():
+            if kinds[name] == "merge":
+                if name not in results:
+                    layer.merge()
                 event = "merge" if event in (None, "merge") else "mixed"
             else:
-                top_singular_values.append(float(layer.refactorize()[0]))
+                sigma = results[name] if name in results else layer.refactorize()
+                top_singular_values.append(float(sigma[0]))
                 event = "refactorize" if event in (None, "refactorize") else "mixed"
             changed.extend(layer.factor_parameters())
             if layer.base_weight is not None:
                 changed.append(layer.base_weight)
-        _broadcast_from_rank0(changed)
+        # DDP (plain tensors): every rank computed the event; make them bit-identical.
+        _broadcast_from_rank0([p for p in changed if not _is_dtensor(p)])
         if self.reset in ("changed", "factors"):
             if self.reset == "factors":
                 changed = [p for layer in lowrank_layers(self.model).values() for p in layer.factor_parameters()]
@@ -287,9 +313,18 @@ class RestartController:
         return {"num_steps": self.num_steps, "num_restarts": self.num_restarts}
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
+        """Restore the clock from :meth:`state_dict`."""
+        steps = state.get("num_steps") if isinstance(state, dict) else None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"RestartController.load_state_dict: expected {{'num_steps': int >= 0, 'num_restarts': int}} "
+                             f"(a RestartController.state_dict()), got {state!r}")
+        self.num_steps = steps
         self.num_restarts = int(state.get("num_restarts", 0))
         self._apply_lr()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
 
 
 def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ re-implementing it, so a pattern selects the same modules here as in a LoRA adap
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -77,10 +78,14 @@ class LowRankConfig:
             )
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
+        if self.rank_ratio is not None and (isinstance(self.rank_ratio, bool) or not isinstance(self.rank_ratio, (int, float))
+                                            or not 0.0 < self.rank_ratio <= 1.0):
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"alpha must be positive (s = alpha / rank), got {self.alpha!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"alpha must be a finite number > 0 (s = alpha / rank), got {self.alpha!r}")
+        if not isinstance(self.keep_base, bool):
+            raise ValueError(f"keep_base must be True or False, got {self.keep_base!r}")
         check_sparse_density(self.sparse_density)
         check_init(self.init)
         check_sparse_init(self.sparse_init)
@@ -152,6 +157,8 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
             matches a module that is not linear, matches a layer already wrapped or whose weight
             is tied to another module, or the rank does not fit a layer.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap(model, config) needs a torch.nn.Module as model, got {type(model).__name__}")
     if not isinstance(config, LowRankConfig):
         raise TypeError(f"wrap(model, config) needs a lowrank.LowRankConfig, got {type(config).__name__}")
     names = match_target_modules(model, config.target_modules, config.exclude_modules)

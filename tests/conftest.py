@@ -6,6 +6,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logging  # noqa: E402
+
+# torchao (a test-only reference) logs a warning per CUDA kernel library it cannot load on a CPU
+# machine whenever transformers imports it; the one-line-error tests read stderr.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
 import torch  # noqa: E402
 
 # Test models are tiny: one thread is fastest, and it keeps two test processes (DDP) or a busy

@@ -1,20 +1,35 @@
 """The ``lowrank`` command: ``lowrank pretrain | memory | export``.
 
-User errors (:class:`lowrank.errors.UsageError`) print one line and exit with code 2.
+User errors (:class:`lowrank.errors.UsageError`, and bad flags) print one line and exit with
+code 2, never a traceback. Under ``torchrun`` only rank 0 prints it; every rank exits with 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import UsageError
 
 
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        if _is_rank_zero():
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import pretrain as train
 
-    parser = argparse.ArgumentParser(prog="lowrank", description="Memory-efficient LLM pretraining.")
+    parser = OneLineParser(prog="lowrank", description="Memory-efficient LLM pretraining.")
     commands = parser.add_subparsers(dest="command", required=True)
     pretrain = commands.add_parser("pretrain", help="pretrain a causal LM with a method preset",
                                    description="Pretrain a causal LM with a method preset (single process or torchrun DDP).")
@@ -38,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # a bad flag (one line already printed), or --help
+        return int(exit_.code or 0)
     try:
         args.handler(args)
     except UsageError as error:
-        print(f"lowrank {args.command}: error: {error}", file=sys.stderr)
+        if _is_rank_zero():
+            print(f"lowrank {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowrank {args.command}: interrupted", file=sys.stderr)

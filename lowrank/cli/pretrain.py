@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=defaults.seed)
     add("--json-out", default=None, help="also write the final summary as JSON here")
     add("--cache-dir", default=None, help="where the trained tokenizer and token caches live (default: the run folder); share it between runs on one corpus")
+    add("--text-field", default=defaults.text_field, help="the column holding the text in .jsonl / .parquet / hub data")
+    add("--dist-timeout", type=float, default=defaults.dist_timeout,
+        help="seconds a rank waits for the others before the run ends with a message naming the rank that stopped")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--compile", action="store_true", help="torch.compile the model")

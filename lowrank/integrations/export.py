@@ -63,31 +63,29 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of a run (its latest checkpoint) or of a checkpoint folder, as it was
     trained (wrapped when it was), in eval mode; and the checkpoint's ``meta.json``."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig
 
+    from ..errors import first_line
     from ..methods import Method, apply_method
-    from ..models import build_model
+    from ..models import build_model, check_model_shape
+    from ..run.checkpoint import load_weights
 
     checkpoint = find_checkpoint(path)
     meta = CheckpointMeta.read(checkpoint)
     config_dict = dict(meta.model_config)
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    try:
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    except (ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"checkpoint {checkpoint}: meta.json's model_config is not a transformers config "
+                         f"({first_line(error)})") from None
+    check_model_shape(config, f"checkpoint {checkpoint}: meta.json's model_config")
     model = build_model(config)
     if meta.wrapped:
         # The method as the run resolved it (overrides applied), so the layers get the very
         # shapes (rank, base, sparse support) that were trained.
-        method = Method(**meta.method)
+        method = Method.from_dict(str(meta.method.get("name", "method")), meta.method, f"checkpoint {checkpoint}: meta.json")
         apply_method(model, method, seed=int(meta.config.get("seed", 0)))
-    try:
-        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
-    except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
-        raise UsageError(f"checkpoint {checkpoint}: model.safetensors cannot be read ({type(error).__name__}: {error})") from None
-    if missing or unexpected:
-        raise UsageError(
-            f"checkpoint {checkpoint}: the weights do not fit the model described by meta.json "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    load_weights(checkpoint, model)
     return model.eval(), meta.to_dict()
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,9 @@ from .build import DTYPES, available, load_config
 from .estimate import MemoryEstimate, estimate
 from .measure import measure_method
 
-__all__ = ["add_arguments", "run_from_args"]
+__all__ = ["add_arguments", "run_from_args", "DEFAULT_SEQ_LEN"]
+
+DEFAULT_SEQ_LEN = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Adam moments (ProjectedAdamW's state_dtype; full_rank switches to ProjectedAdamW when it differs "
              "from --weight-dtype, since torch's AdamW keeps moments in the weight dtype)")
     add("--batch-size", type=int, default=1, help="micro-batch size")
-    add("--seq-len", type=int, default=2048, help="tokens per sequence")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048, or the model's max_position_embeddings if smaller)")
     add("--checkpointing", action="store_true", help="activation checkpointing of every decoder layer")
     add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
     add("--json", nargs="?", const="-", default=None, metavar="PATH",
         help="JSON instead of the table on stdout, or (with PATH) written there as well")
-    add("--plot", default=None, metavar="PNG", help="stacked bar chart per method")
+    add("--plot", default=None, metavar="PNG", help="stacked bar chart per method: a .png file, or a folder to write memory_<model>.png into")
 
 
 # "all" lists the methods by family: dense baselines, cheaper moments, projected gradients,
@@ -61,16 +65,22 @@ def _model_info(config, name: str, e: MemoryEstimate) -> dict[str, Any]:
 
 def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("batch_size", "seq_len"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.rank is not None and args.rank <= 0:
         raise UsageError(f"--rank must be positive, got {args.rank}")
     if args.measure < 0:
         raise UsageError(f"--measure must be >= 0 steps, got {args.measure}")
     methods = _methods(args.method)
+    config, name = load_config(args.model)
+    limit = getattr(config, "max_position_embeddings", None)
+    if args.seq_len is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    elif limit is not None and args.seq_len > limit:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds {name}'s max_position_embeddings ({limit}); lower --seq-len")
     options = dict(rank=args.rank, weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
                    batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing)
-    config, name = load_config(args.model)
+    plot_path = _plot_path(args.plot, name) if args.plot else None
     start = time.perf_counter()
     estimates = [estimate(args.model, method, **options) for method in methods]
     by_name = {e.method: e for e in estimates}
@@ -80,6 +90,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     pairs = []
     if args.measure:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_fits(estimates, device)
         for method, e in zip(methods, estimates):
             pairs.append((e, measure_method(args.model, method, steps=args.measure, device=device, **options)))
 
@@ -99,9 +110,44 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
                     handle.write(report.dumps(data))
             except OSError as error:
                 raise UsageError(f"--json {args.json}: cannot write ({error.strerror})") from None
-    if args.plot:
+    if plot_path is not None:
         try:
-            report.plot(estimates, baseline, args.plot)
+            report.plot(estimates, baseline, plot_path)
         except (OSError, ValueError) as error:
             raise UsageError(f"--plot {args.plot}: cannot write the PNG ({error})") from None
     return data
+
+
+def _plot_path(value: str, model: str) -> Path:
+    """``--plot``: a ``.png`` path, or an existing folder (the file goes inside it)."""
+    path = Path(value)
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        return path / f"memory_{model}.png"
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--plot {value}: give a .png file name or an existing folder")
+    return path
+
+
+def _available_bytes(device: str) -> int | None:
+    """Free memory where ``--measure`` would run: CUDA's free bytes, or the system's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(estimates: list[MemoryEstimate], device: str) -> None:
+    """Refuse ``--measure`` when the largest estimate does not fit in free memory (it would swap or
+    run for minutes before failing)."""
+    available = _available_bytes(device)
+    largest = max(estimates, key=lambda e: e.total)
+    if available is not None and largest.total > available:
+        raise UsageError(
+            f"--measure: {largest.method} needs about {largest.total / 2**30:.1f} GiB (estimated) but {device} has "
+            f"{available / 2**30:.1f} GiB free; lower --seq-len / --batch-size or drop --measure"
+        )

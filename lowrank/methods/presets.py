@@ -12,14 +12,15 @@ from ..errors import UsageError
 from ..models import config_dir
 from .sections import Method, set_dotted
 
-__all__ = ["available_methods", "load_method", "method_overrides"]
+__all__ = ["available_methods", "preset_path", "load_method", "method_overrides"]
 
 
 def available_methods() -> list[str]:
     return sorted(path.stem for path in config_dir("methods").glob("*.yaml"))
 
 
-def _preset_path(name_or_path: str | Path) -> Path:
+def preset_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a bundled preset name, or the given path; a one-line error otherwise."""
     bundled = config_dir("methods") / f"{name_or_path}.yaml"
     if bundled.is_file():
         return bundled
@@ -40,7 +41,7 @@ def load_method(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         UsageError: unknown method, unreadable or non-YAML file, a key that does not exist (the
             message suggests the closest valid one), or a value of the wrong type or range.
     """
-    path = _preset_path(name_or_path)
+    path = preset_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:

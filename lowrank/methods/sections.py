@@ -364,14 +364,32 @@ class ScheduleSection(SectionView):
         return steps
 
 
+NONFINITE_POLICIES = ("skip", "stop")
+
+
 @dataclass(frozen=True)
 class TrainingSection(SectionView):
-    """``grad_clip``: clip the global gradient norm to this (``null`` or 0: no clipping)."""
+    """The step itself (:mod:`lowrank.run.health` says why these exist):
+
+    * ``grad_clip``: clip the global gradient norm to this (``null`` or 0: no clipping).
+    * ``nonfinite_grads``: a step whose gradient norm is NaN or infinite is skipped (``skip``:
+      no update, the run goes on) or ends the run (``stop``).
+    * ``max_skipped_steps``: stop after this many skipped steps in a row.
+    * ``dead_steps``: stop after this many steps in a row with an exactly zero gradient (0: never).
+    """
 
     grad_clip: float | None = 1.0
+    nonfinite_grads: str = "skip"
+    max_skipped_steps: int = 10
+    dead_steps: int = 20
 
     NAME = "training"
-    CHECKS = {"grad_clip": _Check.optional(_Check.number(0.0))}
+    CHECKS = {
+        "grad_clip": _Check.optional(_Check.number(0.0)),
+        "nonfinite_grads": _Check.choice(NONFINITE_POLICIES),
+        "max_skipped_steps": _Check.integer(1),
+        "dead_steps": _Check.integer(0),
+    }
 
 
 _SECTIONS = {"lowrank": LowRankSection, "optimizer": OptimizerSection, "restarts": RestartsSection,
@@ -464,18 +482,21 @@ class Method:
         """A copy with dotted-key ``overrides`` (``{"optimizer.lr": 3e-3}``) and the shortcuts
         applied, validated like a preset. A shortcut and a dotted key that set the same value
         differently are refused (neither silently wins)."""
-        shortcuts = self.shortcut_overrides(rank=rank, lr=lr, cycle_length=cycle_length)
         overrides = dict(overrides or {})
+        method = self._with_dotted(overrides) if overrides else self
+        # The shortcuts read the method as overridden (a --set may add a restarts section).
+        shortcuts = method.shortcut_overrides(rank=rank, lr=lr, cycle_length=cycle_length)
         flags = {"optimizer.lr": "--lr", "lowrank.rank": "--rank", "optimizer.matrix.rank": "--rank",
                  "restarts.cycle_length": "--cycle-length"}
         for key, value in shortcuts.items():
             if key in overrides and overrides[key] != value:
                 raise UsageError(f"{flags.get(key, key)} {value} and --set {key}={overrides[key]} disagree; give one of them")
-        if not shortcuts and not overrides:
-            return self
+        return method._with_dotted(shortcuts) if shortcuts else method
+
+    def _with_dotted(self, dotted: Mapping[str, Any]) -> Method:
         data = self.to_dict()
-        for dotted, value in {**overrides, **shortcuts}.items():
-            set_dotted(data, dotted, value)
+        for key, value in dotted.items():
+            set_dotted(data, key, value)
         return Method.from_dict(self.name, data)
 
     # ------------------------------------------------------------------ derived values

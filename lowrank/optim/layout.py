@@ -38,6 +38,22 @@ group with options ``group``; ``s = group["state_dtype"] or dtype``:
 
 ``torch.optim.AdamW`` (:func:`torch_adamw_state_layout`; ``amsgrad=False``): ``exp_avg`` and
 ``exp_avg_sq`` shaped like ``p`` in ``p``'s dtype, and ``step`` as a 0-dim fp32 tensor.
+
+**Shard view** (``shard=(rank, world)``): what one rank holds when ``p`` is sharded on dim 0 over
+``world`` ranks, as FSDP2 (``torch.distributed.fsdp.fully_shard``) shards it (torch.chunk's
+split, :func:`shard_range`), and ``ProjectedAdamW`` keeps the state of its local rows
+(:mod:`lowrank.optim.adamw`, "FSDP2"):
+
+* moments shaped like ``p``, and the right-projected ``m × r`` moments (``R = G P`` has ``G``'s
+  rows), have the rank's rows, ``(rows, ...)``;
+* the left-projected ``r × n`` moments (``R = Pᵀ G`` is all-reduced), projectors and scalars are
+  replicated: every rank holds all of them;
+* sparse moments (and the index cache) hold the rank's slice of the global subset: for a
+  row-sharded source ``round(k · rows / m)`` entries, the *expected* count (the slice of a random
+  subset varies by about ``√k`` from period to period); over a left-projected ``R``, all ``k``.
+
+Low-bit moments (``state_bits``) have no shard view (their 256-entry blocks would straddle shard
+boundaries): a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -60,6 +76,7 @@ __all__ = [
     "MOMENT_SIGNED",
     "ParamStateLayout",
     "TensorSpec",
+    "shard_range",
     "state_layout",
     "torch_adamw_state_layout",
 ]
@@ -123,16 +140,38 @@ class ParamStateLayout:
         return _total(self.outside)
 
 
-def state_layout(shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> ParamStateLayout:
+def shard_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """``(start, count)`` of the rows (dim-0 entries) that rank ``rank`` of ``world`` holds of a
+    tensor with ``rows`` rows, split as FSDP2 / DTensor ``Shard(0)`` split it: torch.chunk's rule,
+    ``ceil(rows / world)`` rows per rank from the first, so the last ranks may hold fewer or none."""
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank must be in [0, {world}), got {rank}")
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(rows, start + chunk) - start
+
+
+def state_layout(
+    shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any], shard: tuple[int, int] | None = None
+) -> ParamStateLayout:
     """``ProjectedAdamW``'s state for a parameter of ``shape`` and ``dtype`` in ``group``.
 
     ``group`` is a parameter-group dict with every option present (as in
-    ``optimizer.param_groups``). The rules are in the module docstring.
+    ``optimizer.param_groups``). ``shard=(rank, world)``: the part one rank holds when the
+    parameter (of global ``shape``) is sharded on dim 0 over ``world`` ranks (FSDP2), the
+    module docstring's shard view; ``None``: the whole state. The rules are in the module docstring.
     """
     shape = tuple(shape)
     state_dtype = group["state_dtype"] or dtype
     matrix = len(shape) == 2
     kind = group["projection"] if matrix else None
+    if shard is not None and group.get("state_bits") is not None:
+        raise ValueError(f"state_bits={group['state_bits']} has no shard view: block-quantized moments are not supported "
+                         "on FSDP2-sharded parameters (their blocks would straddle shard boundaries); use state_bits=None")
+    # Under sharding, everything but a left-projected R (all-reduced, replicated) follows p's rows.
+    local_rows = None
+    if shard is not None and shape and not (kind is not None and is_left(shape)):
+        local_rows = shard_range(shape[0], *shard)[1]
     moment_shape = shape
     projectors: dict[str, TensorSpec] = {}
     if kind is not None:
@@ -143,8 +182,12 @@ def state_layout(shape: tuple[int, ...], dtype: torch.dtype, group: Mapping[str,
     if matrix and group["density"] < 1.0:
         numel = math.prod(moment_shape)
         k = subset_size(numel, group["density"])
+        if local_rows is not None:
+            k = round(k * local_rows / shape[0])  # the expected size of this rank's slice
         outside["subset_indices"] = TensorSpec((k,), index_dtype(numel))
         moment_shape = (k,)
+    elif local_rows is not None:
+        moment_shape = (local_rows, *moment_shape[1:])
     scalars: dict[str, TensorSpec] = {}
     if kind == "random" or (kind in ("svd", "randomized") and group["residual"] == "fira"):
         scalars["limiter_norm"] = _scalar()
@@ -178,9 +221,15 @@ def _moment_specs(
     return specs
 
 
-def torch_adamw_state_layout(shape: tuple[int, ...], dtype: torch.dtype) -> ParamStateLayout:
-    """``torch.optim.AdamW``'s state (``amsgrad=False``) for a parameter of ``shape`` and ``dtype``."""
-    moments = {key: TensorSpec(tuple(shape), dtype) for key in MOMENT_KEYS}
+def torch_adamw_state_layout(
+    shape: tuple[int, ...], dtype: torch.dtype, shard: tuple[int, int] | None = None
+) -> ParamStateLayout:
+    """``torch.optim.AdamW``'s state (``amsgrad=False``) for a parameter of ``shape`` and ``dtype``;
+    ``shard=(rank, world)``: one rank's part under FSDP2 (the moments' local rows)."""
+    shape = tuple(shape)
+    if shard is not None and shape:
+        shape = (shard_range(shape[0], *shard)[1], *shape[1:])
+    moments = {key: TensorSpec(shape, dtype) for key in MOMENT_KEYS}
     return ParamStateLayout(moments=moments, scalars={"step": _scalar()})
 
 

@@ -8,11 +8,23 @@ the basis is always stored as a ``(min(m, n), r)`` matrix ``P`` whose columns sp
 
 This is GaLore's ``proj_type="std"`` (arXiv 2403.03507); GaLore stores the right basis transposed
 (``r × n``), which holds the same numbers.
+
+Row shards (FSDP2 holds rows ``start : start + h`` of ``G`` on each rank; the basis is
+replicated): :func:`project_rows` and :func:`project_back_rows` give this rank's part of ``R``
+and of the update. Right (``m ≥ n``): ``R = G P`` has ``G``'s rows, so both directions are local
+matrix products with no communication, and ``R`` is row-sharded like ``G``. Left (``m < n``):
+``R = Pᵀ G = Σ_ranks P[rows]ᵀ G[rows]`` needs one all-reduce of the ``r × n`` partial products
+per step, after which ``R`` is replicated; projecting back (``P[rows] · X``) is local. The
+Fira/APOLLO channel norms are then local too (right: per row of ``R``, which each rank has
+whole; left: per column of the replicated ``R``); only whole-tensor norms (APOLLO-Mini's
+tensor-wise factor on a row-sharded ``R``, the norm-growth limiter) need a scalar all-reduce,
+passed in as ``norm_of``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -113,31 +125,71 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, shape: torch.Size | tup
     return low @ basis.t()
 
 
+def project_rows(
+    grad_rows: torch.Tensor,
+    basis: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    start: int,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """This rank's ``R`` from rows ``start : start + h`` of a gradient of global ``shape``.
+
+    Right: ``grad_rows @ P``, the same rows of ``R`` (local). Left: ``all_reduce`` (a SUM over the
+    ranks, in place, returning its argument) of ``P[rows]ᵀ · grad_rows``: the whole ``R``.
+    """
+    if is_left(shape):
+        partial = basis[start : start + grad_rows.shape[0]].t() @ grad_rows
+        return all_reduce(partial)
+    return grad_rows @ basis
+
+
+def project_back_rows(
+    low: torch.Tensor, basis: torch.Tensor, shape: torch.Size | tuple[int, ...], start: int, rows: int
+) -> torch.Tensor:
+    """Rows ``start : start + rows`` of ``project_back(low)`` for this rank's ``low`` (the whole
+    ``R``-shaped tensor when left, its rows when right): ``P[rows] X`` or ``X Pᵀ``, local."""
+    if is_left(shape):
+        return basis[start : start + rows] @ low
+    return low @ basis.t()
+
+
 def channel_scaling(
-    adam_low: torch.Tensor, low: torch.Tensor, shape: torch.Size | tuple[int, ...], per_channel: bool = True
+    adam_low: torch.Tensor,
+    low: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    per_channel: bool = True,
+    norm_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Fira/APOLLO factor ``‖Adam(R)_j‖ / ‖R_j‖``, shaped to broadcast against the full gradient.
 
     The channels are the larger side's rows/columns (the ones ``R`` keeps): columns when the basis
     is on the left, rows when it is on the right. ``per_channel=False`` gives APOLLO-Mini's single
-    tensor-wise factor.
+    tensor-wise factor; ``norm_of`` computes its two norms when ``R`` is a row shard (the global
+    norm, module docstring). ``shape`` is the gradient's global shape.
     """
     if not per_channel:
+        if norm_of is not None:
+            return norm_of(adam_low) / (norm_of(low) + NORM_EPS)
         return adam_low.norm() / (low.norm() + NORM_EPS)
     if is_left(shape):
         return adam_low.norm(dim=0) / (low.norm(dim=0) + NORM_EPS)  # (n,) broadcasts over rows
     return (adam_low.norm(dim=1) / (low.norm(dim=1) + NORM_EPS)).unsqueeze(1)  # (m, 1)
 
 
-def limit_norm_growth(update: torch.Tensor, previous_norm: torch.Tensor, max_ratio: float = 1.01) -> torch.Tensor:
+def limit_norm_growth(
+    update: torch.Tensor,
+    previous_norm: torch.Tensor,
+    max_ratio: float = 1.01,
+    norm_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Fira's norm-growth limiter: shrink ``update`` so ``‖update‖ ≤ max_ratio · previous``.
 
     ``update`` is scaled in place (it is a full-size temporary) and returned. ``previous_norm`` is
     a 0-dim tensor updated in place to the norm actually applied; ``0`` means "no history" (first
     step, or after a momentum reset) and lets the update through unchanged. Tensor ops only, so no
-    host-device synchronisation.
+    host-device synchronisation. ``norm_of``: the global norm when ``update`` is a row shard.
     """
-    norm = update.norm()
+    norm = update.norm() if norm_of is None else norm_of(update)
     ratio = torch.clamp(norm / (previous_norm + NORM_EPS), min=max_ratio) / max_ratio
     limiter = torch.where(previous_norm > 0, ratio, torch.ones_like(ratio))
     previous_norm.copy_(norm / limiter)

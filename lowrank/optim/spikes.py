@@ -2,13 +2,22 @@
 
 All functions return new tensors or update 0-dim statistic tensors in place; none of them reads a
 value back to the host, so they do not synchronise a GPU.
+
+Stable-SPAM's statistics (``max|g|``, ``‖g‖``) describe the whole gradient. When ``grad`` is one
+rank's shard of it (FSDP2), the caller passes ``max_of`` / ``norm_of``, which turn the local
+tensor into the global value (an all-reduce MAX of the shard maxima, an all-reduce SUM of the
+shards' ``‖g_i‖²``: one scalar collective each); without them the statistics are the local
+tensor's, computed exactly as before.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+Reduction = Callable[[torch.Tensor], torch.Tensor]
 
 
 def spam_clip(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -39,16 +48,19 @@ def reset_warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1.0 - math.cos(math.pi * steps_since_reset / warmup_steps))
 
 
-def adaptive_clip(grad: torch.Tensor, max_abs_avg: torch.Tensor, gamma: float, step: int) -> torch.Tensor:
+def adaptive_clip(
+    grad: torch.Tensor, max_abs_avg: torch.Tensor, gamma: float, step: int, max_of: Reduction | None = None
+) -> torch.Tensor:
     """Stable-SPAM adaptive spike clipping.
 
     Keeps an EMA of ``max|g|`` (``max_abs_avg``, updated in place) with decay ``gamma`` (γ3), bias
     corrected with ``step`` (1-based count of gradients seen). Entries with ``|g|`` above the
     corrected average ``T`` are rescaled to ``g / max|g| · T``: the largest entry lands on ``T`` and
-    the order of the spiking entries is kept.
+    the order of the spiking entries is kept. ``max_of``: maps ``|grad|`` to the global maximum
+    when ``grad`` is a shard (module docstring); ``None``: ``|grad|.max()``.
     """
     magnitude = grad.abs()
-    max_abs = magnitude.max()
+    max_abs = magnitude.max() if max_of is None else max_of(magnitude)
     max_abs_avg.lerp_(max_abs.to(max_abs_avg.dtype), 1.0 - gamma)
     threshold = max_abs_avg / (1.0 - gamma**step)
     return torch.where(magnitude > threshold, grad / max_abs * threshold, grad)
@@ -62,15 +74,17 @@ def norm_scaling(
     gamma_norm_sq: float,
     step: int,
     eps: float,
+    norm_of: Reduction | None = None,
 ) -> torch.Tensor:
     """Stable-SPAM adaptive gradient-norm scaling: ``g ← g / ‖g‖ · m̂ / (sqrt(v̂) + eps)``.
 
     ``m``, ``v`` are EMAs of ``‖g‖`` (decay γ1) and ``‖g‖²`` (decay γ2), updated in place and bias
     corrected with ``step``. The result has norm close to a running average of past norms, so one
     spiking batch cannot blow up the update. A zero gradient is returned unchanged and leaves the
-    statistics untouched (the reference skips the parameter instead).
+    statistics untouched (the reference skips the parameter instead). ``norm_of``: maps ``grad``
+    to the global ``‖g‖`` when it is a shard (module docstring); ``None``: its own norm.
     """
-    norm = torch.linalg.vector_norm(grad).to(norm_avg.dtype)
+    norm = (torch.linalg.vector_norm(grad) if norm_of is None else norm_of(grad)).to(norm_avg.dtype)
     active = norm > 0
     norm_avg.copy_(torch.where(active, torch.lerp(norm_avg, norm, 1.0 - gamma_norm), norm_avg))
     norm_sq_avg.copy_(torch.where(active, torch.lerp(norm_sq_avg, norm.square(), 1.0 - gamma_norm_sq), norm_sq_avg))

@@ -5,7 +5,9 @@ A checkpoint is a folder ``<run>/checkpoints/step_<N>/`` holding
 * ``model.safetensors`` — the (unwrapped) model's state dict, via ``safetensors``;
 * ``optimizer.pt`` — ``optimizer.state_dict()`` (tensors and plain numbers only);
 * ``trainer_state.pt`` — step, controller, data position and RNG states;
-* ``meta.json`` — the run's configuration, human-readable.
+* ``meta.json`` — the run's configuration, human-readable, and the sha256 of the other three
+  files (``checksums``), verified before a checkpoint is loaded: a file changed after it was
+  written (a disk error, a partial copy, an edit) is reported, never silently resumed from.
 
 It is written into a hidden temporary folder and renamed into place, and only then is the
 ``latest`` pointer replaced (also by rename), so a crash at any moment leaves the previous
@@ -15,6 +17,7 @@ checkpoint complete and ``latest`` pointing at it. Every ``.pt`` file loads with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from ..errors import UsageError, first_line
 from ..files import atomic_write_bytes, fsync_file
@@ -31,13 +34,23 @@ __all__ = [
     "save_checkpoint",
     "read_trainer_state",
     "load_checkpoint",
+    "load_weights",
     "resolve_checkpoint",
     "list_checkpoints",
+    "verify_checksums",
+    "file_sha256",
     "CHECKPOINT_FILES",
 ]
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer_state.pt", "meta.json")
+_CHECKSUMMED = CHECKPOINT_FILES[:3]
 _PREFIX = "step_"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (just written, it comes from the page cache)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -73,7 +86,8 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str) + "\n")
+    checksums = {name: file_sha256(tmp / name) for name in _CHECKSUMMED}
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "checksums": checksums}, indent=2, default=str) + "\n")
     for name in CHECKPOINT_FILES:
         fsync_file(tmp / name)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
@@ -117,12 +131,29 @@ def _corrupt(path: Path, error: Exception) -> UsageError:
     return UsageError(f"checkpoint {path} is corrupt ({first_line(error)}); resume from an earlier one with --resume PATH")
 
 
+def verify_checksums(path: Path) -> None:
+    """Compare every file of checkpoint ``path`` with the sha256 its ``meta.json`` recorded
+    (checkpoints of earlier versions have none: nothing to compare)."""
+    try:
+        recorded = json.loads((path / "meta.json").read_text()).get("checksums") or {}
+    except (ValueError, OSError, AttributeError) as error:
+        raise _corrupt(path, error) from None
+    for name, digest in recorded.items():
+        if name in _CHECKSUMMED and file_sha256(path / name) != digest:
+            raise UsageError(
+                f"checkpoint {path} is corrupt: {name} does not match the checksum written with it (the file changed after "
+                "it was saved: a disk error, a partial copy or an edit); resume from an earlier checkpoint with --resume PATH"
+            )
+
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    """Check that checkpoint ``path`` is complete and return its trainer state (step, controller,
-    data position, RNG). Raises :class:`UsageError` if it is incomplete or corrupt."""
+    """Check that checkpoint ``path`` is complete and unchanged since it was written, and return
+    its trainer state (step, controller, data position, RNG). Raises :class:`UsageError` if it is
+    incomplete, altered or corrupt."""
     missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
     if missing:
         raise UsageError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); resume from an earlier one with --resume PATH")
+    verify_checksums(path)
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
@@ -132,20 +163,40 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def load_weights(path: Path, model: torch.nn.Module, *, device=None) -> None:
+    """Load ``path/model.safetensors`` into ``model``: every key present, every shape equal, or a
+    one-line :class:`UsageError` saying which key differs."""
+    try:
+        weights = load_file(str(path / "model.safetensors"), device=str(device or "cpu"))
+    except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
+        raise _corrupt(path, error) from None
+    expected = model.state_dict()
+    missing_keys = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing_keys or unexpected:
+        raise UsageError(
+            f"checkpoint {path} does not match this model (missing {missing_keys[:3]}, unexpected {unexpected[:3]}); "
+            "use the --model and --method the run was started with"
+        )
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UsageError(
+                f"checkpoint {path} does not fit this model: {name} is {tuple(tensor.shape)} there and "
+                f"{tuple(expected[name].shape)} here; use the --model, --rank and --method the run was started with"
+            )
+    model.load_state_dict(weights, strict=True)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device=None) -> None:
     """Load weights and optimizer state from checkpoint ``path`` into ``model``/``optimizer``.
     Raises :class:`UsageError` if they are corrupt or do not fit."""
     try:
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location=device or "cpu")
-        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device or "cpu"))
     except Exception as error:  # noqa: BLE001
         raise _corrupt(path, error) from None
-    if missing_keys or unexpected:
-        raise UsageError(
-            f"checkpoint {path} does not match this model (missing {sorted(missing_keys)[:3]}, unexpected {sorted(unexpected)[:3]}); "
-            "resume with the same --model and --method the run was started with"
-        )
+    load_weights(path, model, device=device)
     try:
         optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError) as error:
-        raise UsageError(f"checkpoint {path}: optimizer state does not match this run ({error}); use the same --method") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"checkpoint {path}: optimizer state does not match this run ({first_line(error)}); "
+                         "use the same --method") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import UsageError
 from ..methods import Method
 
-__all__ = ["TrainConfig", "validate_config", "total_steps", "autocast_for"]
+__all__ = ["TrainConfig", "validate_config", "check_output_paths", "total_steps", "autocast_for"]
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     cache_dir: str | None = None
+    text_field: str = "text"
+    dist_timeout: float = 600.0
     overrides: dict[str, Any] = field(default_factory=dict)
     # Python API only: build the optimizer yourself (e.g. a peer library's) from the model and the
     # parsed preset; the preset's schedule, restarts and everything else still apply.
@@ -59,18 +62,63 @@ class TrainConfig:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.method).stem}-{Path(self.model).stem}"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_config(cfg: TrainConfig) -> None:
-    """Checks that need nothing but the config, so a bad run stops before any data or model work."""
+    """Checks that need nothing but the config (values, types, output paths), so a bad run stops
+    before any data or model work and before anything is written."""
     if cfg.max_steps is None and cfg.max_tokens is None:
         raise UsageError("give --max-steps N or --max-tokens N (the run's budget)")
     if cfg.max_steps is not None and cfg.max_tokens is not None:
         raise UsageError("give exactly one of --max-steps and --max-tokens")
+    for name in ("max_steps", "max_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and (not _is_int(value) or value <= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
     for name in ("batch_size", "grad_accum", "seq_len", "eval_tokens", "keep_checkpoints", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if not _is_int(value) or value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
     for name in ("eval_every", "save_every"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0 = only at the end), got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= 0 (0 = only at the end), got {value!r}")
+    for name in ("vocab_size", "rank", "cycle_length"):
+        value = getattr(cfg, name)
+        if value is not None and (not _is_int(value) or value <= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+    if cfg.lr is not None and not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {cfg.lr!r}")
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**63:
+        raise UsageError(f"--seed must be a whole number in [0, 2**63), got {cfg.seed!r}")
+    if not (isinstance(cfg.dist_timeout, (int, float)) and math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout!r}")
+    if not isinstance(cfg.overrides, dict):
+        raise UsageError(f"overrides must be a dict of dotted keys, got {type(cfg.overrides).__name__}")
+    check_output_paths(cfg)
+
+
+def _writable_dir(path: Path, option: str) -> None:
+    """``path`` is (or can become) a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder; pick a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: cannot create or write there ({existing} is not writable); pick another folder")
+
+
+def check_output_paths(cfg: TrainConfig) -> None:
+    """``--out``, ``--cache-dir`` and ``--json-out`` can be written, before any work is done."""
+    _writable_dir(cfg.run_dir(), "--out")
+    if cfg.cache_dir:
+        _writable_dir(Path(cfg.cache_dir).expanduser(), "--cache-dir")
+    if cfg.json_out:
+        target = Path(cfg.json_out)
+        if target.is_dir():
+            raise UsageError(f"--json-out {target} is a folder; give a file name, e.g. {target / 'summary.json'}")
+        _writable_dir(target.parent, "--json-out's folder")
 
 
 def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:

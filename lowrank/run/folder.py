@@ -20,6 +20,7 @@ cached in ``<run>/tokenizer`` already, which is where this layout wants it.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from ..errors import UsageError
 from .checkpoint import list_checkpoints, read_trainer_state, resolve_checkpoint
 
-__all__ = ["RunFolder", "CheckpointMeta", "ResumePoint"]
+__all__ = ["RunFolder", "CheckpointMeta", "ResumePoint", "structural_differences"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,33 @@ class CheckpointMeta:
         return meta
 
 
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+# What decides the shapes of the weights and the optimizer state: a resume must keep these.
+STRUCTURE_KEYS = ("lowrank", "optimizer.name", "optimizer.target_modules", "optimizer.exclude_modules",
+                  "optimizer.matrix.projection", "optimizer.matrix.rank", "optimizer.matrix.density",
+                  "optimizer.matrix.residual", "optimizer.matrix.state_bits", "optimizer.other.state_bits")
+
+
+def structural_differences(saved_method: dict[str, Any], method: dict[str, Any], saved_model: dict[str, Any],
+                           model: dict[str, Any]) -> list[str]:
+    """``key: saved → now`` for every setting that changes a shape between a checkpoint and this run."""
+    old, new = _flatten(saved_method), _flatten(method)
+    keys = sorted(k for k in set(old) | set(new) if any(k == s or k.startswith(s + ".") for s in STRUCTURE_KEYS))
+    changes = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    shape_keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    changes += [f"model.{k}: {saved_model.get(k)!r} → {model.get(k)!r}" for k in shape_keys if saved_model.get(k) != model.get(k)]
+    return changes
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a run continues from and its trainer state (step, controller, data, RNG)."""
@@ -71,6 +99,9 @@ class ResumePoint:
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    def meta(self) -> CheckpointMeta:
+        return CheckpointMeta.read(self.checkpoint)
 
 
 class RunFolder:
@@ -93,12 +124,13 @@ class RunFolder:
         checkpoint = Path(checkpoint)
         return RunFolder(checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent)
 
-    def open(self, *, resume: str | None, overwrite: bool, world_size: int, is_main: bool) -> ResumePoint | None:
+    def open(self, *, resume: str | None, overwrite: bool, world_size: int) -> ResumePoint | None:
         """Apply the resume / overwrite policy before anything is written; return where to resume.
 
         * ``resume`` (``latest`` or a path): continue from that checkpoint, which must have been
           written by as many processes (the data order is sharded per process).
-        * a fresh run refuses a folder holding checkpoints unless ``overwrite``, which deletes them.
+        * a fresh run refuses a folder holding checkpoints unless ``overwrite``; they are
+          deleted by :meth:`clear_checkpoints` when training starts, after every other check.
         * ``resume`` and ``overwrite`` together are a contradiction.
         """
         if resume and overwrite:
@@ -113,15 +145,17 @@ class RunFolder:
                     "(the data order is sharded per process)"
                 )
             return ResumePoint(checkpoint, state)
-        if list_checkpoints(self.checkpoints):
-            if not overwrite:
-                raise UsageError(
-                    f"{self.path} already holds checkpoints of an earlier run; continue it with --resume latest, "
-                    "start afresh with --overwrite, or pick another --out"
-                )
-            if is_main:
-                shutil.rmtree(self.checkpoints)
+        if list_checkpoints(self.checkpoints) and not overwrite:
+            raise UsageError(
+                f"{self.path} already holds checkpoints of an earlier run; continue it with --resume latest, "
+                "start afresh with --overwrite, or pick another --out"
+            )
         return None
+
+    def clear_checkpoints(self) -> None:
+        """A fresh run with ``--overwrite``: drop the earlier run's checkpoints (and its metrics)."""
+        if self.checkpoints.exists():
+            shutil.rmtree(self.checkpoints)
 
     def write_config(self, record: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -134,4 +168,6 @@ class RunFolder:
             tokenizer.save_pretrained(self.tokenizer)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self.summary.write_text(json.dumps(summary, indent=2) + "\n")
+        """``summary.json``: strict JSON (a NaN or infinity is written as null)."""
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+        self.summary.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")

@@ -11,8 +11,9 @@ In the spirit of nanoGPT's ``train.py``, one screen per part:
   the other parameters' optimizer state over. Entering a phase builds its optimizer and a
   controller whose clock starts at the phase's first step; nothing is rewound by hand.
 * **the loop** (:meth:`Trainer.train`): for each step, ``grad_accum`` micro-batches, clip,
-  ``optimizer.step()``, ``controller.step()`` (restarts + LR), log; at a phase's end, enter the
-  next; evaluate; checkpoint.
+  ``optimizer.step()`` (skipped when the gradient is not finite, :mod:`.health`),
+  ``controller.step()`` (restarts + LR), log; at a phase's end, enter the next; evaluate;
+  checkpoint (only a finite state: a diverged step never becomes ``latest``).
 
 Words: the *run's step* (``Trainer.step``) counts optimizer steps done and equals the restart
 controller's clock (``controller.num_steps``). Every source of randomness after start-up is a
@@ -40,14 +41,15 @@ from tqdm.auto import tqdm
 
 from .. import accounting
 from ..data import build_data
-from ..distributed import init_distributed, parameter_hash, wrap_ddp
+from ..distributed import Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message, wrap_ddp
 from ..errors import UsageError
 from ..methods import apply_method, build_controller, build_optimizer, load_method
 from ..models import build_model, load_model_config
 from ..wrap import count_parameters, is_wrapped
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig, autocast_for, total_steps, validate_config
-from .folder import CheckpointMeta, RunFolder
+from .folder import CheckpointMeta, RunFolder, structural_differences
+from .health import StepHealth, StopTraining, first_nonfinite
 from .metrics import MetricsLogger
 
 __all__ = ["Phase", "plan_phases", "Trainer", "pretrain"]
@@ -80,31 +82,37 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         validate_config(cfg)
         self.cfg = cfg
-        self.dist, self.device = init_distributed(cfg.device)
+        self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout)
+        self.heartbeat = Heartbeat(self.dist)
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.folder = RunFolder(cfg.run_dir())
         # The policy is applied (and --resume read) before anything is written.
-        self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size,
-                                       is_main=self.dist.main)
+        self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size)
         self.method = load_method(cfg.method).with_overrides(cfg.overrides, rank=cfg.rank, lr=cfg.lr,
                                                              cycle_length=cfg.cycle_length)
         self.model_config = load_model_config(cfg.model)
         limit = getattr(self.model_config, "max_position_embeddings", cfg.seq_len)
         if cfg.seq_len > limit:
             raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({limit})")
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
+        self.total_steps = total_steps(cfg, self.tokens_per_step)
+        self.method.warmup_steps(self.total_steps)  # a warm-up longer than the run fails here, before any work
+        self._check_method_fits()
         self.data = build_data(
             cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
             vocab_size=cfg.vocab_size or self.model_config.vocab_size, cache_dir=cfg.cache_dir or self.folder.path,
-            rank=self.dist.rank, world_size=self.dist.world_size, max_valid_tokens=cfg.eval_tokens,
+            rank=self.dist.rank, world_size=self.dist.world_size, max_valid_tokens=cfg.eval_tokens, text_field=cfg.text_field,
         )
         tokenizer = self.data.tokenizer
         eos = tokenizer.eos_token_id
         for key, value in {"vocab_size": len(tokenizer), "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
                            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos}.items():
             setattr(self.model_config, key, value)
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
-        self.total_steps = total_steps(cfg, self.tokens_per_step)
+        if self.resume is not None:
+            self._check_resumable()
         self.phases = plan_phases(self.method.warm_start_steps, self.total_steps)
+        training = self.method.training
+        self.health = StepHealth(training.nonfinite_grads, training.max_skipped_steps, training.dead_steps)
         self.step = self.resume.step if self.resume else 0
         self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -112,6 +120,14 @@ class Trainer:
         self._enter(current, carry_state=False)
         if self.resume is not None:
             self._restore()
+
+    def _check_method_fits(self) -> None:
+        """The method on this model, built on the ``meta`` device (nothing allocated): a rank that
+        does not fit a layer fails here, before the data is tokenized or anything is written."""
+        model = build_model(self.model_config, device="meta")
+        apply_method(model, self.method, seed=self.cfg.seed)
+        if self.cfg.optimizer_factory is None:
+            build_optimizer(model, self.method, seed=self.cfg.seed)
 
     # ------------------------------------------------------------------ phases
 
@@ -142,9 +158,28 @@ class Trainer:
         if self.cfg.compile:
             self.module = torch.compile(self.module)
 
+    def _check_resumable(self) -> None:
+        """A checkpoint at the end of the run, or one trained with other shapes, is refused with
+        what differs (not reported as a corrupt file)."""
+        checkpoint, step = self.resume.checkpoint, self.resume.step
+        if step >= self.total_steps:
+            raise UsageError(f"checkpoint {checkpoint} is at step {step}, the end of this run ({self.total_steps} steps): nothing "
+                             "to resume; raise --max-steps / --max-tokens to train further, or export it with lowrank export")
+        meta = self.resume.meta()
+        changes = structural_differences(meta.method, self.method.to_dict(), meta.model_config, self.model_config.to_dict())
+        if changes:
+            raise UsageError(f"checkpoint {checkpoint} was trained with other shapes ({'; '.join(changes)}); resume with the "
+                             "settings it was started with, or start afresh with --overwrite")
+
     def _restore(self) -> None:
+        """Weights, optimizer state, clock, data position and RNG from the checkpoint; the
+        hyper-parameters (lr, betas, weight decay, ...) are this run's, so overrides given on
+        resume (``--lr``, ``--set optimizer.weight_decay=...``) apply from here on."""
         state = self.resume.state
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         load_checkpoint(self.resume.checkpoint, self.model, self.optimizer, device=self.device)
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.controller.load_state_dict(state["controller"])
         self.data.train.load_state_dict(state["data"][self.dist.rank])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -160,6 +195,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             batch = next(self.data.train).to(self.device, non_blocking=True)
+            if micro == 0:
+                # "has its data for step N": before the first collective of the step (DDP's
+                # buffer broadcast in forward), so a rank that stalls is the one behind
+                self.heartbeat.beat(self.step + 1)
             sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
             with (contextlib.nullcontext() if sync else self.module.no_sync()), self.autocast:
                 loss = self.module(input_ids=batch, labels=batch).loss
@@ -169,7 +208,10 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
+        self.skipped = self.health.should_skip(grad_norm)
+        if not self.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.event = self.controller.step()
         self.step += 1
@@ -198,7 +240,24 @@ class Trainer:
         self.module.train()
         return float(loss_sum / count.clamp_min(1))
 
+    def _diverged(self, reason: str) -> UsageError:
+        """The stop message: what happened, and which checkpoint to go back to."""
+        lr = self.method.optimizer.lr
+        good = list_checkpoints(self.folder.checkpoints)
+        if good:
+            hint = (f"the last good checkpoint is {good[-1]}; resume from it with a lower learning rate, "
+                    f"e.g. --resume {good[-1]} --lr {lr / 2:g}")
+        else:
+            hint = f"no checkpoint was written before; start again with a lower --lr (e.g. {lr / 2:g}) or a longer warm-up"
+        return UsageError(f"{reason} (step {self.step}): training stopped and nothing of this state was saved; {hint}")
+
     def _checkpoint(self) -> None:
+        # Only a finite state becomes a checkpoint: one foreach norm over weights and moments.
+        named = list(self.model.named_parameters())
+        named += [(f"optimizer state {key}", value) for state in self.optimizer.state.values() for key, value in state.items()]
+        bad = first_nonfinite(named)
+        if bad is not None:
+            raise self._diverged(f"{bad} became non-finite")
         # A streamed corpus has a different position on every rank: keep all of them.
         data_states = [self.data.train.state_dict()]
         if self.dist.enabled:
@@ -220,6 +279,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg, is_main = self.cfg, self.dist.main
+        if is_main and self.resume is None:
+            self.folder.clear_checkpoints()  # --overwrite, now that every check has passed
         logger = MetricsLogger(self.folder.metrics, self.step, self.folder.tensorboard) if is_main else None
         if is_main:
             self.folder.save_tokenizer(self.data.tokenizer)
@@ -228,12 +289,17 @@ class Trainer:
         self.module.train()
         step_times: list[float] = []
         recent_losses: collections.deque[float] = collections.deque(maxlen=10)  # the final train loss averages these
+        if logger is not None:  # a resumed run averages over the steps before the resume too
+            recent_losses.extend(r["loss"] for r in logger.history if "loss" in r)
         val_loss = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
                    desc=self.method.name, unit="step")
         while self.step < self.total_steps:
             started = time.perf_counter()
-            loss, grad_norm, lr = self._train_step()
+            try:
+                loss, grad_norm, lr = self._train_step()
+            except StopTraining as stop:
+                raise self._diverged(str(stop)) from None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - started
@@ -244,15 +310,14 @@ class Trainer:
                 memory = accounting.peak_memory_bytes(self.device)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step / elapsed:,.0f}", mem=f"{memory / 2**30:.2f}G")
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.skipped:
                     logger.log({"step": self.step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_bytes": memory})
+                                "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_bytes": memory,
+                                **({"skipped": True} if self.skipped else {})})
                 if self.event is not None:
                     event = self.event
                     logger.log({"step": self.step, "tokens": tokens, "event": event.event, "layers": event.layers,
                                 "reset_params": event.reset_params, "mean_top_singular_value": event.mean_top_singular_value})
-            if not math.isfinite(loss):
-                raise UsageError(f"the loss became {loss} at step {self.step}: training diverged; lower --lr or raise the warm-up")
             if self.step == self.phase.end and self.phase is not self.phases[-1]:
                 self._enter(self.phase_at(self.step))
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.total_steps:
@@ -297,6 +362,7 @@ class Trainer:
             "val_loss": val_loss,
             "val_ppl": math.exp(val_loss) if val_loss is not None else None,
             "tokens_per_s": self.tokens_per_step / statistics.median(warm),
+            "skipped_steps": self.health.skipped_total,
             "trainable_params": counts.trainable,
             "frozen_params": counts.frozen,
             "optimizer_state_bytes": state_bytes,
@@ -313,10 +379,19 @@ class Trainer:
 
 def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run and return its summary."""
-    trainer = Trainer(cfg)
+    ok = False
     try:
-        return trainer.train()
+        trainer = Trainer(cfg)
+        try:
+            summary = trainer.train()
+        except RuntimeError as error:
+            if trainer.dist.enabled and is_comm_failure(error):
+                raise UsageError(stalled_message(trainer.heartbeat, cfg.dist_timeout, error)) from None
+            raise
+        ok = True
+        return summary
     finally:
         if dist.is_initialized():
-            dist.barrier()
+            if ok:  # after a failure the other ranks may be gone: a barrier would only wait for them
+                dist.barrier()
             dist.destroy_process_group()

@@ -7,19 +7,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLogger"]
+__all__ = ["MetricsLogger", "read_records"]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a line that does not parse (the partial last line a kill
+    in the middle of a write leaves) is dropped."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
 
 
 class MetricsLogger:
     """Appends records to ``path``. On resume, records from beyond the checkpoint's step (written
-    before a crash) are dropped, so the file reads as if the run had never stopped."""
+    before a crash) and any partial line are dropped, so the file reads as if the run had never
+    stopped; :attr:`history` holds the records that were kept."""
 
     def __init__(self, path: Path, resume_step: int, tensorboard: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step] if resume_step else []
-            path.write_text("".join(line + "\n" for line in kept))
+        self.history = [r for r in read_records(path) if r["step"] <= resume_step] if resume_step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         self.handle = open(path, "a")
         self.board = None
         if tensorboard is not None:
