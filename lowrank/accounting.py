@@ -29,6 +29,7 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
     tensor attributes such as peer optimizers' projector objects), each storage counted once."""
     seen = set() if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
+        obj = _local(obj)
         if obj.device.type == "meta":
             return obj.numel() * obj.element_size()
         key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
@@ -45,9 +46,15 @@ def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
     return 0
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) tensor; any other tensor as it is. Byte counts are
+    per process: under FSDP2 a rank holds its shards."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def parameter_bytes(model: nn.Module, *, trainable_only: bool = False) -> int:
     # model.parameters() yields a tied or shared parameter once.
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def gradient_bytes(model: nn.Module) -> int:
@@ -56,9 +63,9 @@ def gradient_bytes(model: nn.Module) -> int:
     total = 0
     for p in model.parameters():
         if p.grad is not None:
-            total += p.grad.numel() * p.grad.element_size()
+            total += _local(p.grad).numel() * p.grad.element_size()
         elif p.requires_grad:
-            total += p.numel() * p.element_size()
+            total += _local(p).numel() * p.element_size()
     return total
 
 

@@ -10,7 +10,8 @@ import logging  # noqa: E402
 
 # torchao (a test-only reference) logs a warning per CUDA kernel library it cannot load on a CPU
 # machine whenever transformers imports it; the one-line-error tests read stderr.
-logging.getLogger("torchao").setLevel(logging.ERROR)
+for _name in ("torchao", "bitsandbytes"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 

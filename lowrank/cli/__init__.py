@@ -1,4 +1,4 @@
-"""The ``lowrank`` command: ``lowrank pretrain | memory | export``.
+"""The ``lowrank`` command: ``lowrank pretrain | memory | export | quant-eval | quantize``.
 
 User errors (:class:`lowrank.errors.UsageError`, and bad flags) print one line and exit with
 code 2, never a traceback. Under ``torchrun`` only rank 0 prints it; every rank exits with 2.
@@ -48,10 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
                                              "config, tokenizer) that transformers loads without lowrank.")
     export_cli.add_arguments(export)
     export.set_defaults(handler=export_cli.run_from_args)
+    from . import quant as quant_cli
+
+    quant_eval = commands.add_parser("quant-eval", help="hidden-state kurtosis and perplexity under simulated quantization",
+                                     description="Excess kurtosis of the hidden states and validation perplexity in full "
+                                                 "precision and under W4/W3/W2 and W4A4/W8A8 simulated quantization.")
+    quant_cli.add_quant_eval_arguments(quant_eval)
+    quant_eval.set_defaults(handler=quant_cli.run_quant_eval)
+    quantize = commands.add_parser("quantize", help="ultra-low-bit PTQ with low-rank retraining (ApiQ, saliency-aware)",
+                                   description="Quantize the linear layers to 2/3/4/8 bits with ApiQ-initialised low-rank "
+                                               "factors retrained block by block; write a dense Hugging Face model (and, with "
+                                               "--peft, a LoRA adapter).")
+    quant_cli.add_quantize_arguments(quantize)
+    quantize.set_defaults(handler=quant_cli.run_quantize)
     return parser
 
 
+# Import-time chatter of optional libraries that transformers pulls in when they are installed
+# (torchao logs every CUDA kernel library it cannot load on a CPU machine; torch warns about
+# torchao's enum registrations; bitsandbytes misses an optional CPU kernel package): not the user's concern, and it would bury our one-line errors.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

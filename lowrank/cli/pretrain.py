@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--json-out", default=None, help="also write the final summary as JSON here")
     add("--cache-dir", default=None, help="where the trained tokenizer and token caches live (default: the run folder); share it between runs on one corpus")
     add("--text-field", default=defaults.text_field, help="the column holding the text in .jsonl / .parquet / hub data")
+    from ..distributed.strategy import COMMS, STRATEGIES
+
+    add("--strategy", default=defaults.strategy, choices=STRATEGIES,
+        help="ddp (default: DDP under torchrun, or one process) or fsdp2 (shard with FSDP2; needs torchrun)")
+    add("--comm", default=defaults.comm, choices=COMMS,
+        help="DDP gradient communication: PyTorch's bf16/fp16/powersgd hooks, projected (GaLore's R instead of G), "
+             "or onebit (1-bit Adam); bytes sent are logged per step")
+    add("--freeze-step", type=int, default=None, help="--comm onebit: full-precision Adam steps before the variance is frozen "
+                                                      "(default: the schedule's warm-up)")
     add("--dist-timeout", type=float, default=defaults.dist_timeout,
         help="seconds a rank waits for the others before the run ends with a message naming the rank that stopped")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")

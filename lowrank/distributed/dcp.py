@@ -62,7 +62,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 
 from ..errors import UsageError, first_line
 from ..files import atomic_write_bytes, fsync_file
-from ..run.checkpoint import _step_dir, file_sha256, list_checkpoints
+from ..run.checkpoint import file_sha256, publish_checkpoint, step_dir
 
 __all__ = [
     "save_sharded_checkpoint",
@@ -160,7 +160,7 @@ def save_sharded_checkpoint(
     """
     step = int(extra_state["step"] if step is None else step)
     root = Path(root)
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{_FORMAT}"
     if _rank0():
         root.mkdir(parents=True, exist_ok=True)
@@ -184,24 +184,9 @@ def save_sharded_checkpoint(
         (tmp / "meta.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         for path in [*files, tmp / "meta.json"]:
             fsync_file(path)
-        _publish(tmp, final, keep)
+        publish_checkpoint(tmp, final, keep)
     _barrier()
     return final
-
-
-def _publish(tmp: Path, final: Path, keep: int) -> None:
-    """Rename the complete ``tmp`` folder to ``final``, point ``latest`` at it, prune to ``keep``.
-
-    The same steps end :func:`lowrank.run.checkpoint.save_checkpoint`, inline there; when that
-    module offers them as a function, this one should be replaced by it.
-    """
-    root = final.parent
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- load

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UsageError, first_line
 from ..wrap import unwrap_model
 
-__all__ = ["DistInfo", "init_distributed", "wrap_ddp", "parameter_hash", "Heartbeat", "is_comm_failure", "stalled_message"]
+__all__ = ["DistInfo", "init_distributed", "launched_by_torchrun", "wrap_ddp", "parameter_hash", "Heartbeat", "is_comm_failure", "stalled_message"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_choice: str, timeout: float = 600.0) -> tuple[DistInfo, torch.device]:
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (it sets RANK and MASTER_ADDR)."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_distributed(device_choice: str, timeout: float = 600.0, *, always_group: bool = False) -> tuple[DistInfo, torch.device]:
     """Join the process group (under ``torchrun``) and pick this rank's device.
 
     ``device_choice``: ``auto`` (CUDA when visible), ``cuda`` or ``cpu``. ``timeout``: seconds
     any collective may wait for the other ranks before the run is ended with a message.
+    ``always_group``: join even a one-process group under ``torchrun`` (FSDP2 needs a device
+    mesh, also on one rank).
     """
     try:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,7 +65,7 @@ def init_distributed(device_choice: str, timeout: float = 600.0) -> tuple[DistIn
     want_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     if device_choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or (always_group and launched_by_torchrun())) and not dist.is_initialized():
         if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
             raise UsageError(f"WORLD_SIZE={world_size} but MASTER_ADDR / MASTER_PORT are not set: start the ranks with "
                              f"torchrun --nproc_per_node {world_size} -m lowrank pretrain ...")

@@ -44,7 +44,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             f"{path} is a transformers Trainer checkpoint, not a `lowrank pretrain` one; in Python, load the wrapped "
             "model and save lowrank.merge_to_dense(model) with save_pretrained"
         )
-    if any((path / name).is_file() for name in _NEEDED):
+    if any((path / name).is_file() for name in _NEEDED) or (path / "dcp").is_dir():
         checkpoint = path
     else:
         try:
@@ -54,7 +54,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                 f"{path} holds no checkpoint (expected checkpoints/step_N/ with {' and '.join(_NEEDED)}); "
                 "pass the --out folder of a `lowrank pretrain` run that saved at least one checkpoint"
             ) from None
-    missing = [name for name in _NEEDED if not (checkpoint / name).is_file()]
+    needed = ("meta.json",) if (checkpoint / "dcp").is_dir() else _NEEDED  # an FSDP2 (DCP) checkpoint
+    missing = [name for name in needed if not (checkpoint / name).is_file()]
     if missing:
         raise UsageError(f"checkpoint {checkpoint} is incomplete (missing {', '.join(missing)}); export an earlier checkpoint")
     return checkpoint
@@ -80,12 +81,16 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
                          f"({first_line(error)})") from None
     check_model_shape(config, f"checkpoint {checkpoint}: meta.json's model_config")
     model = build_model(config)
-    if meta.wrapped:
-        # The method as the run resolved it (overrides applied), so the layers get the very
-        # shapes (rank, base, sparse support) that were trained.
-        method = Method.from_dict(str(meta.method.get("name", "method")), meta.method, f"checkpoint {checkpoint}: meta.json")
-        apply_method(model, method, seed=int(meta.config.get("seed", 0)))
-    load_weights(checkpoint, model)
+    # The method as the run resolved it (overrides applied), so the layers get the very shapes
+    # (rank, base, sparse support, OSP projections) that were trained; not wrapped during a warm start.
+    method = Method.from_dict(str(meta.method.get("name", "method")), meta.method, f"checkpoint {checkpoint}: meta.json")
+    apply_method(model, method, seed=int(meta.config.get("seed", 0)), lowrank=meta.wrapped)
+    weights = None
+    if (checkpoint / "dcp").is_dir():
+        from ..distributed.dcp import dcp_to_state_dict
+
+        weights = dcp_to_state_dict(checkpoint)
+    load_weights(checkpoint, model, weights=weights)
     return model.eval(), meta.to_dict()
 
 
@@ -125,7 +130,7 @@ def export_model(
             whose vocabulary does not match the model's embedding.
     """
     from ..data import load_tokenizer
-    from ..wrap import is_wrapped, merge_to_dense
+    from ..deploy import plain_model
 
     checkpoint = find_checkpoint(run_dir)
     out = Path(out)
@@ -146,7 +151,7 @@ def export_model(
             f"tokenizer {tokenizer} has {len(tok)} tokens but the model's embedding has {rows} rows: it is not the "
             "tokenizer this model was trained with; pass that one with --tokenizer"
         )
-    dense = merge_to_dense(model, inplace=True) if is_wrapped(model) else model
+    dense = plain_model(model, inplace=True)
     if dtype is not None:
         dense.to(DTYPES[dtype])
     # The config came from meta.json, i.e. from transformers itself; make sure that nothing of

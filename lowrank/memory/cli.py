@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=1, help="micro-batch size")
     add("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048, or the model's max_position_embeddings if smaller)")
     add("--checkpointing", action="store_true", help="activation checkpointing of every decoder layer")
+    add("--fsdp2", type=int, default=1, metavar="RANKS", help="per-rank bytes under --strategy fsdp2 with this many ranks")
     add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
     add("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -80,11 +81,15 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--seq-len {args.seq_len} exceeds {name}'s max_position_embeddings ({limit}); lower --seq-len")
     options = dict(rank=args.rank, weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
                    batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing)
+    if args.fsdp2 < 1:
+        raise UsageError(f"--fsdp2 must be a positive number of ranks, got {args.fsdp2}")
+    if args.fsdp2 > 1 and args.measure:
+        raise UsageError("--measure runs one process; drop it with --fsdp2 (the FSDP2 numbers are estimates)")
     plot_path = _plot_path(args.plot, name) if args.plot else None
     start = time.perf_counter()
-    estimates = [estimate(args.model, method, **options) for method in methods]
+    estimates = [estimate(args.model, method, **options, world_size=args.fsdp2) for method in methods]
     by_name = {e.method: e for e in estimates}
-    baseline = by_name.get(report.BASELINE) or estimate(args.model, report.BASELINE, **options)
+    baseline = by_name.get(report.BASELINE) or estimate(args.model, report.BASELINE, **options, world_size=args.fsdp2)
     seconds = time.perf_counter() - start
 
     pairs = []

@@ -100,8 +100,15 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 2048,
     checkpointing: bool = False,
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """Estimate the training memory of ``method`` on ``model_config``; allocates nothing.
+
+    With ``world_size`` > 1 the estimate is per rank under FSDP2 (``--strategy fsdp2``,
+    :func:`lowrank.distributed.fsdp.fsdp_memory_per_rank`): the rank's shards of weights,
+    gradients and optimizer state, plus the largest decoder layer and the root gathered in full
+    (``weight_detail["gathered_layer"]`` / ``["gathered_root"]``); activations are per rank
+    already (one micro-batch). Under DDP every rank holds the one-process numbers.
 
     Args:
         model_config: a bundled name (``"llama_1b"``), a Hugging Face config JSON path or a
@@ -112,6 +119,7 @@ def estimate(
         state_dtype: Adam moments (``None``: the parameter dtype, the optimizers' default).
         batch_size, seq_len: one micro-batch.
         checkpointing: activation checkpointing of every decoder layer.
+        world_size: FSDP2 ranks the model is sharded over (1: not sharded).
 
     Raises:
         UsageError: unknown method or model, a config that is not a causal LM, a non-positive
@@ -131,6 +139,40 @@ def estimate(
         detail, extra = optimizer_state_layout(optimizer)
     counts = count_parameters(model)
     activations = model_activations(config, model, weight_dtype, batch_size, seq_len, checkpointing)
+    weights, gradients = parameter_bytes(model) + buffer_bytes(model), gradient_bytes(model)
+    weight_detail = {
+        "trainable": parameter_bytes(model, trainable_only=True),
+        "frozen": parameter_bytes(model) - parameter_bytes(model, trainable_only=True),
+        "buffers": buffer_bytes(model),
+    }
+    notes = list(resolved.notes)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    if world_size > 1:
+        if optimizer is None:
+            raise UsageError(f"{resolved.name}: the FSDP2 estimate covers lowrank's presets (ProjectedAdamW, torch AdamW), not peers")
+        from ..distributed.fsdp import fsdp_memory_per_rank
+
+        try:
+            sharded = fsdp_memory_per_rank(model, optimizer, world_size=world_size,
+                                           mixed_precision=weight_dtype == torch.bfloat16)
+        except ValueError as error:
+            raise UsageError(f"{resolved.name}: {error}") from None
+        weights = sharded.weights + sharded.gathered_layer + sharded.gathered_root
+        gradients = sharded.gradients
+        weight_detail = {"shards": sharded.weights, "gathered_layer": sharded.gathered_layer,
+                         "gathered_root": sharded.gathered_root}
+        scale = sum(detail.values())
+        detail = {key: value * sharded.optimizer_state // max(1, scale) for key, value in detail.items()} if scale else detail
+        detail[next(iter(detail))] += sharded.optimizer_state - sum(detail.values())  # rounding lands in the first kind
+        extra = sharded.optimizer_extra
+        notes.append(f"per rank of {world_size} under FSDP2: shards plus the largest decoder layer and the root gathered")
+    if resolved.method is not None and resolved.method.quant is not None:
+        from ..quant import bits_per_weight
+
+        stored = [f"{fmt.label} {bits_per_weight(fmt):.3f} bits per entry" for fmt in resolved.method.quant.formats() if fmt]
+        notes.append(f"fake-quantized training: the targeted layers would store {' and '.join(stored)}; the simulation holds "
+                     f"{dtype_name(weight_dtype)} weights (counted above)")
     return MemoryEstimate(
         model=model_name,
         method=resolved.name,
@@ -143,19 +185,15 @@ def estimate(
         checkpointing=checkpointing,
         parameters=counts.total,
         trainable_parameters=counts.trainable,
-        weights=parameter_bytes(model) + buffer_bytes(model),
-        gradients=gradient_bytes(model),
-        weight_detail={
-            "trainable": parameter_bytes(model, trainable_only=True),
-            "frozen": parameter_bytes(model) - parameter_bytes(model, trainable_only=True),
-            "buffers": buffer_bytes(model),
-        },
+        weights=weights,
+        gradients=gradients,
+        weight_detail=weight_detail,
         optimizer_state=sum(detail.values()),
         optimizer_extra=extra,
         activations=activations.total,
         optimizer_detail=detail,
         activation_detail=activations.to_dict(),
-        notes=tuple(resolved.notes),
+        notes=tuple(notes),
     )
 
 

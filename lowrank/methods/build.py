@@ -10,21 +10,39 @@ from torch import nn
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
 from ..restarts import RestartController
-from ..wrap import lowrank_layers, match_target_modules, wrap
+from ..wrap import is_wrapped, lowrank_layers, match_target_modules, wrap
 from .sections import Method
 
 __all__ = ["apply_method", "param_groups", "build_optimizer", "build_controller", "check_projection_rank"]
 
 
-def apply_method(model: nn.Module, method: Method, *, seed: int = 0) -> nn.Module:
-    """Wrap ``model`` with the method's low-rank layers (no-op for dense methods)."""
+def apply_method(model: nn.Module, method: Method, *, seed: int = 0, lowrank: bool = True) -> nn.Module:
+    """Give ``model`` the method's architecture, in place: OSP's norms and projections
+    (``osp``), the low-rank layers (``lowrank``; skipped with ``lowrank=False``, e.g. during a
+    dense warm start) and fake quantization (``quant``, on whatever layers are there: the dense
+    ones, or the low-rank factors once wrapped). Each part that is already applied is left
+    alone, so a call after a warm start adds only the wrap (re-applying fake quantization on
+    the new layers)."""
+    from ..osp import apply as apply_osp, is_osp
+    from ..quant import apply_fake_quant, is_fake_quantized, remove_fake_quant
+
+    if method.osp is not None and not is_osp(model):
+        apply_osp(model, single_scale_norm=method.osp.single_scale_norm,
+                  embedding_projection=method.osp.embedding_projection, seed=seed)
     config = method.lowrank_config(seed)
-    if config is None:
-        return model
-    try:
-        return wrap(model, config)
-    except ValueError as error:
-        raise UsageError(f"method {method.name}: {error}") from None
+    if lowrank and config is not None and not is_wrapped(model):
+        if is_fake_quantized(model):
+            remove_fake_quant(model)  # quantize the factors that replace these layers instead
+        try:
+            wrap(model, config)
+        except ValueError as error:
+            raise UsageError(f"method {method.name}: {error}") from None
+    if method.quant is not None and not is_fake_quantized(model):
+        try:
+            apply_fake_quant(model, method.quant.config(seed))
+        except ValueError as error:
+            raise UsageError(f"method {method.name}: quant: {error}") from None
+    return model
 
 
 def param_groups(model: nn.Module, method: Method) -> list[dict]:
@@ -73,9 +91,32 @@ def build_optimizer(model: nn.Module, method: Method, *, seed: int = 0) -> torch
     try:
         if settings.name == "adamw":
             return torch.optim.AdamW(groups, foreach=True, **common)
+        if settings.name == "muon":
+            return _muon(groups, settings, seed)
         return ProjectedAdamW(groups, seed=seed, **common)
     except ValueError as error:
         raise UsageError(f"method {method.name}: optimizer: {error}") from None
+
+
+def _muon(groups: list[dict], settings, seed: int) -> torch.optim.Optimizer:
+    """Muon over the ``matrix`` group's 2-D parameters (hidden matrices or low-rank factors), the
+    AdamW half (ProjectedAdamW with the ``other`` options) over the rest; a 1-D parameter of the
+    ``matrix`` group (SLTrain's sparse values) goes to a ProjectedAdamW group of its own."""
+    from ..optim import Muon
+
+    muon_groups = []
+    for group in groups:
+        if group["group_name"] != "matrix":
+            muon_groups.append({**group, "use_muon": False})
+            continue
+        matrices = [p for p in group["params"] if p.dim() == 2]
+        vectors = [p for p in group["params"] if p.dim() != 2]
+        muon_groups.append({**group, "params": matrices, "use_muon": True})
+        if vectors:
+            muon_groups.append({"params": vectors, "group_name": "matrix_vectors", "use_muon": False,
+                                **({"lr": group["lr"]} if "lr" in group else {})})
+    return Muon(muon_groups, lr=settings.lr, weight_decay=settings.weight_decay,
+                adamw={"betas": settings.betas, "eps": settings.eps, "seed": seed})
 
 
 def check_projection_rank(model: nn.Module, groups: list[dict], method: str) -> None:

@@ -7,7 +7,9 @@ A preset (``configs/methods/*.yaml``) has these sections, all but ``optimizer`` 
     optimizer:  OptimizerSection — which optimizer, its hyper-parameters, per-group options
     restarts:   RestartsSection  — the restart clock (absent: no restarts)
     schedule:   ScheduleSection  — warm-up and cosine floor
-    training:   TrainingSection  — gradient clipping
+    training:   TrainingSection  — gradient clipping, non-finite and dead steps
+    osp:        OSPSection       — Outlier-Safe Pre-Training's architecture changes (absent: none)
+    quant:      QuantSection     — fake-quantized (e.g. 4-bit) training (absent: full precision)
 
 :meth:`Method.from_dict` validates every value where it enters (type, range, choices; a
 misspelled key gets a "did you mean"), so a bad preset or ``--set`` fails before any work with a
@@ -35,6 +37,7 @@ from ..dtypes import dtype_name, parse_dtype
 from ..errors import UsageError
 from ..layers import INITS, SPARSE_INITS
 from ..optim.adamw import ADAM_DEFAULTS, OPTION_DEFAULTS, validate_group
+from ..optim.muon import MUON_DEFAULTS, validate_muon_group
 from ..restarts import DEFAULT_EVENT, DEFAULT_MIN_LR_RATIO, DEFAULT_RESET, EVENTS, RESETS
 from ..wrap import LowRankConfig
 
@@ -45,15 +48,22 @@ __all__ = [
     "RestartsSection",
     "ScheduleSection",
     "TrainingSection",
+    "OSPSection",
+    "QuantSection",
+    "QUANT_FORMATS",
     "OPTIMIZERS",
     "GROUP_OPTIONS",
 ]
 
-OPTIMIZERS = ("projected_adamw", "adamw")
-"""``projected_adamw``: :class:`lowrank.optim.ProjectedAdamW`; ``adamw``: ``torch.optim.AdamW``."""
+OPTIMIZERS = ("projected_adamw", "adamw", "muon")
+"""``projected_adamw``: :class:`lowrank.optim.ProjectedAdamW`; ``adamw``: ``torch.optim.AdamW``;
+``muon``: :class:`lowrank.optim.Muon` on the ``matrix`` group, ProjectedAdamW on ``other``."""
 
 GROUP_OPTIONS = frozenset(OPTION_DEFAULTS) | {"lr", "betas", "eps", "weight_decay"}
-"""Keys a ``matrix`` / ``other`` group may set: every ProjectedAdamW group option."""
+"""Keys a ProjectedAdamW group may set: every ProjectedAdamW group option."""
+
+MUON_GROUP_OPTIONS = frozenset(MUON_DEFAULTS) | {"lr", "weight_decay", "state_dtype"}
+"""Keys the ``matrix`` group of a ``muon`` optimizer may set: Muon's options."""
 
 
 # ---------------------------------------------------------------------- value checks
@@ -258,7 +268,7 @@ def _group_options(value: Any, where: str, key: str) -> dict[str, Any]:
         raise UsageError(f"{where}: {key} must be a mapping of ProjectedAdamW options, got {value!r}")
     options = {}
     for option, setting in value.items():
-        if option not in GROUP_OPTIONS:
+        if option not in GROUP_OPTIONS | MUON_GROUP_OPTIONS:
             raise _unknown(str(option), GROUP_OPTIONS, f"{where}: {key}")
         options[option] = parse_dtype(setting, f"{where}: {key}.{option}") if option == "state_dtype" else setting
     return options
@@ -275,7 +285,9 @@ class OptimizerSection(SectionView):
     * ``target_modules`` / ``exclude_modules``: for a dense model, which linear layers' weights
       form the ``matrix`` group (PEFT's rules); with low-rank layers the factors do.
     * ``matrix`` / ``other``: ProjectedAdamW options for the ``matrix`` group and for every other
-      parameter (embeddings, norms, head, biases).
+      parameter (embeddings, norms, head, biases). With ``name: muon`` the ``matrix`` group takes
+      Muon's options instead (``momentum``, ``nesterov``, ``ns_steps``, ``adjust_lr``, ...), and
+      ``betas`` / ``eps`` are those of the AdamW half.
     """
 
     lr: float
@@ -308,8 +320,19 @@ class OptimizerSection(SectionView):
             raise UsageError(f"{where}: optimizer 'adamw' takes no matrix/other options; use name: projected_adamw")
         common = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
         for group in ("matrix", "other"):
+            options = getattr(self, group)
             try:
-                validate_group({**OPTION_DEFAULTS, **common, **getattr(self, group)}, f"{where}: optimizer.{group}")
+                if group == "matrix" and self.name == "muon":
+                    unknown = sorted(set(options) - MUON_GROUP_OPTIONS)
+                    if unknown:
+                        raise _unknown(unknown[0], MUON_GROUP_OPTIONS, f"{where}: optimizer.matrix (Muon)")
+                    validate_muon_group({**MUON_DEFAULTS, "lr": self.lr, "weight_decay": self.weight_decay,
+                                         "state_dtype": None, **options, "params": []}, f"{where}: optimizer.matrix")
+                    continue
+                muon_only = sorted(set(options) - GROUP_OPTIONS)
+                if muon_only:
+                    raise _unknown(muon_only[0], GROUP_OPTIONS, f"{where}: optimizer.{group}")
+                validate_group({**OPTION_DEFAULTS, **common, **options}, f"{where}: optimizer.{group}")
             except ValueError as error:
                 raise UsageError(str(error)) from None
 
@@ -392,8 +415,95 @@ class TrainingSection(SectionView):
     }
 
 
+@dataclass(frozen=True)
+class OSPSection(SectionView):
+    """Outlier-Safe Pre-Training's architecture changes (Park et al. 2025, :mod:`lowrank.osp`):
+    ``single_scale_norm`` (one learnable gain per RMSNorm) and ``embedding_projection``
+    (orthogonally initialised ``d×d`` projections after the embedding and before the head)."""
+
+    single_scale_norm: bool = True
+    embedding_projection: bool = True
+
+    NAME = "osp"
+    CHECKS = {"single_scale_norm": _Check.flag(), "embedding_projection": _Check.flag()}
+
+    def check(self, where: str) -> None:
+        if not (self.single_scale_norm or self.embedding_projection):
+            raise UsageError(f"{where}: osp: nothing enabled; drop the section or enable single_scale_norm / embedding_projection")
+
+
+QUANT_FORMATS = ("int8", "int4", "fp4", "fp4_e1m2", "fp4_e2m1")
+"""``fp4`` is ``fp4_e1m2``, the FP4 of Stable-SPAM's scripts; ``fp4_e2m1`` is the OCP MX FP4."""
+
+
+@dataclass(frozen=True)
+class QuantSection(SectionView):
+    """Fake-quantized training (straight-through estimator; :mod:`lowrank.quant.fake`), as
+    Stable-SPAM's 4-bit scripts simulate it. Defaults: INT4 weights, asymmetric min–max per group
+    of 256; INT4 activations per group of 64 with stochastic rounding, the 2 largest-magnitude
+    entries of each group kept in full precision; on q/k/v/o/gate/up/down.
+
+    * ``weights`` / ``activations``: one of :data:`QUANT_FORMATS`, or ``null`` (full precision).
+    * ``group_size``: weight group size; ``activation_group_size``: activation group size; groups
+      are consecutive entries of the flattened tensor (Stable-SPAM's ``reshape(-1, g)``).
+    * ``stochastic_rounding``: for activations (weights round to nearest).
+    * ``keep_outliers``: full-precision entries per activation group.
+    * ``target_modules``: PEFT's rules.
+    """
+
+    weights: str | None = "int4"
+    activations: str | None = "int4"
+    group_size: int = 256
+    activation_group_size: int = 64
+    stochastic_rounding: bool = True
+    keep_outliers: int = 2
+    target_modules: str | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    NAME = "quant"
+    CHECKS = {
+        "weights": _Check.optional(_Check.choice(QUANT_FORMATS)),
+        "activations": _Check.optional(_Check.choice(QUANT_FORMATS)),
+        "group_size": _Check.integer(1),
+        "activation_group_size": _Check.integer(1),
+        "stochastic_rounding": _Check.flag(),
+        "keep_outliers": _Check.integer(0),
+        "target_modules": _Check.patterns(),
+    }
+
+    def check(self, where: str) -> None:
+        if self.weights is None and self.activations is None:
+            raise UsageError(f"{where}: quant: weights and activations are both null; drop the section instead")
+        try:
+            self.config(0)
+        except ValueError as error:
+            raise UsageError(f"{where}: quant: {error}") from None
+
+    def formats(self):
+        """``(weight format, activation format)`` as :class:`lowrank.quant.QuantFormat` (or ``None``)."""
+        from ..quant import QuantFormat
+
+        def make(name, group, activation):
+            if name is None:
+                return None
+            kind, bits = ("int", int(name[3:])) if name.startswith("int") else ("fp4_e2m1" if name == "fp4_e2m1" else "fp4_e1m2", 4)
+            # Groups of the flattened tensor, as Stable-SPAM's scripts (x.reshape(-1, g)).
+            return QuantFormat(kind=kind, bits=bits, group_size=group, symmetric=activation or kind != "int",
+                               stochastic=activation and self.stochastic_rounding,
+                               keep_outliers=self.keep_outliers if activation else 0, flat=True)
+
+        return (make(self.weights, self.group_size, False), make(self.activations, self.activation_group_size, True))
+
+    def config(self, seed: int):
+        """The :class:`lowrank.quant.FakeQuantConfig` to apply (``seed``: the run's)."""
+        from ..quant import FakeQuantConfig
+
+        weights, activations = self.formats()
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return FakeQuantConfig(weights=weights, activations=activations, target_modules=targets, seed=seed)
+
+
 _SECTIONS = {"lowrank": LowRankSection, "optimizer": OptimizerSection, "restarts": RestartsSection,
-             "schedule": ScheduleSection, "training": TrainingSection}
+             "schedule": ScheduleSection, "training": TrainingSection, "osp": OSPSection, "quant": QuantSection}
 _TOP_LEVEL = {"description", *_SECTIONS}
 
 
@@ -412,6 +522,8 @@ class Method:
     restarts: RestartsSection | None = None
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    osp: OSPSection | None = None
+    quant: QuantSection | None = None
 
     def __post_init__(self) -> None:
         # Method(**method.to_dict()) — e.g. from a checkpoint's meta.json — parses the dict form.

@@ -216,7 +216,9 @@ def _check_shapes(name: str, module: nn.Module, config: FakeQuantConfig) -> None
     checks = []
     if config.weights is not None:
         checks += [(label, config.weights, tuple(w.shape)) for label, w in weights.items() if w is not None]
-    if config.activations is not None:
+    if config.activations is not None and not config.activations.flat:
+        # Flat activation groups span tokens: whether they divide depends on the batch, checked at
+        # the forward pass.
         checks += [(label, config.activations, (1, width)) for label, width in activations.items()]
     for label, fmt, shape in checks:
         try:

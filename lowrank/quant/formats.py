@@ -3,7 +3,11 @@
 Every format quantizes groups of ``g`` consecutive entries along the last dimension, each group
 with its own scale (and zero point): ``group_size=g`` (``g`` must divide the last dimension),
 ``-1`` (one group per row: per-channel for a weight ``m × n``, per-token for activations) or
-``None`` (one group for the whole tensor). Arithmetic runs in float32 whatever the input dtype;
+``None`` (one group for the whole tensor). With ``flat=True`` the groups are ``g`` consecutive
+entries of the row-major flattened tensor instead, so a group may span rows (Stable-SPAM's
+quantizers: ``x.reshape(-1, g)``; ``g`` must divide the number of entries): that is how its
+INT4/FP4 training quantizes an MLP's 688-wide down projection or a rank-64 factor with groups of
+256. Arithmetic runs in float32 whatever the input dtype;
 :func:`fake_quantize` returns the input's shape and dtype.
 
 Formats (``b`` bits, a group ``x``; ``round`` is round-half-to-even, as ``torch.round``):
@@ -131,6 +135,8 @@ class QuantFormat:
             zero point. The FP4 grids are sign–magnitude, hence always symmetric.
         stochastic: stochastic rounding (needs a generator or noise) instead of round-to-nearest.
         keep_outliers: how many largest-magnitude entries of each group stay in full precision.
+        flat: groups of ``group_size`` consecutive entries of the flattened tensor (may span rows;
+            Stable-SPAM's ``reshape(-1, g)``) instead of along the last dimension.
     """
 
     kind: str = "int"
@@ -139,6 +145,7 @@ class QuantFormat:
     symmetric: bool = True
     stochastic: bool = False
     keep_outliers: int = 0
+    flat: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -178,6 +185,8 @@ class QuantFormat:
             parts.append("sr")
         if self.keep_outliers:
             parts.append(f"o{self.keep_outliers}")
+        if self.flat and self.group_size not in (None, -1):
+            parts.append("flat")
         return "-".join(parts)
 
     def group_entries(self, shape: tuple[int, ...] | torch.Size) -> int:
@@ -189,6 +198,13 @@ class QuantFormat:
         last = shape[-1]
         if self.group_size is None:
             entries = math.prod(shape)
+        elif self.flat and self.group_size > 0:
+            if math.prod(shape) % self.group_size:
+                raise ValueError(
+                    f"group_size {self.group_size} does not divide the {math.prod(shape)} entries of shape {shape}; "
+                    "use a divisor, -1 (per row) or None (per tensor)"
+                )
+            entries = self.group_size
         elif self.group_size == -1:
             entries = last
         else:
@@ -252,6 +268,8 @@ def _grouped(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def _scale_shape(shape: torch.Size, fmt: QuantFormat) -> tuple[int, ...]:
     if fmt.group_size is None:
         return ()
+    if fmt.flat and fmt.group_size > 0:
+        return (math.prod(shape) // fmt.group_entries(shape),)
     return (*shape[:-1], shape[-1] // fmt.group_entries(shape))
 
 

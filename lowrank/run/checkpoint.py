@@ -37,6 +37,8 @@ __all__ = [
     "load_weights",
     "resolve_checkpoint",
     "list_checkpoints",
+    "step_dir",
+    "publish_checkpoint",
     "verify_checksums",
     "file_sha256",
     "CHECKPOINT_FILES",
@@ -53,7 +55,8 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _step_dir(root: Path, step: int) -> Path:
+def step_dir(root: Path, step: int) -> Path:
+    """The folder of checkpoint ``step`` under ``root`` (``step_00000042``)."""
     return root / f"{_PREFIX}{step:08d}"
 
 
@@ -78,7 +81,7 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = _step_dir(root, step)
+    final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -90,15 +93,22 @@ def save_checkpoint(
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "checksums": checksums}, indent=2, default=str) + "\n")
     for name in CHECKPOINT_FILES:
         fsync_file(tmp / name)
+    publish_checkpoint(tmp, final, keep)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep: int) -> None:
+    """Rename the complete ``tmp`` folder to ``final``, point ``latest`` at it (by rename), and
+    prune all but the newest ``keep`` checkpoints: the last steps of every checkpoint format."""
+    root = final.parent
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
     atomic_write_bytes(root / "latest", (final.name + "\n").encode())
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def resolve_checkpoint(resume: str, run_dir: str | os.PathLike) -> Path:
@@ -139,7 +149,7 @@ def verify_checksums(path: Path) -> None:
     except (ValueError, OSError, AttributeError) as error:
         raise _corrupt(path, error) from None
     for name, digest in recorded.items():
-        if name in _CHECKSUMMED and file_sha256(path / name) != digest:
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
             raise UsageError(
                 f"checkpoint {path} is corrupt: {name} does not match the checksum written with it (the file changed after "
                 "it was saved: a disk error, a partial copy or an edit); resume from an earlier checkpoint with --resume PATH"
@@ -150,7 +160,9 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     """Check that checkpoint ``path`` is complete and unchanged since it was written, and return
     its trainer state (step, controller, data position, RNG). Raises :class:`UsageError` if it is
     incomplete, altered or corrupt."""
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    # A sharded (FSDP2 / DCP) checkpoint has its tensors under dcp/ (lowrank.distributed.dcp).
+    needed = ("dcp", "optimizer_meta.pt", "trainer_state.pt", "meta.json") if (path / "dcp").is_dir() else CHECKPOINT_FILES
+    missing = [name for name in needed if not (path / name).exists()]
     if missing:
         raise UsageError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); resume from an earlier one with --resume PATH")
     verify_checksums(path)
@@ -163,13 +175,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(path: Path, model: torch.nn.Module, *, device=None) -> None:
-    """Load ``path/model.safetensors`` into ``model``: every key present, every shape equal, or a
-    one-line :class:`UsageError` saying which key differs."""
-    try:
-        weights = load_file(str(path / "model.safetensors"), device=str(device or "cpu"))
-    except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
-        raise _corrupt(path, error) from None
+def load_weights(path: Path, model: torch.nn.Module, *, device=None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Load ``path/model.safetensors`` (or the given ``weights``, e.g. a sharded checkpoint's,
+    gathered) into ``model``: every key present, every shape equal, or a one-line
+    :class:`UsageError` saying which key differs."""
+    if weights is None:
+        try:
+            weights = load_file(str(path / "model.safetensors"), device=str(device or "cpu"))
+        except Exception as error:  # noqa: BLE001 - any decoding failure means the file is damaged
+            raise _corrupt(path, error) from None
     expected = model.state_dict()
     missing_keys = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

@@ -52,6 +52,9 @@ class TrainConfig:
     plot: bool = True
     cache_dir: str | None = None
     text_field: str = "text"
+    strategy: str = "ddp"
+    comm: str = "none"
+    freeze_step: int | None = None
     dist_timeout: float = 600.0
     overrides: dict[str, Any] = field(default_factory=dict)
     # Python API only: build the optimizer yourself (e.g. a peer library's) from the model and the
@@ -95,6 +98,10 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--seed must be a whole number in [0, 2**63), got {cfg.seed!r}")
     if not (isinstance(cfg.dist_timeout, (int, float)) and math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0):
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout!r}")
+    if cfg.freeze_step is not None and (not _is_int(cfg.freeze_step) or cfg.freeze_step <= 0):
+        raise UsageError(f"--freeze-step must be a positive whole number of steps, got {cfg.freeze_step!r}")
+    if cfg.freeze_step is not None and cfg.comm != "onebit":
+        raise UsageError("--freeze-step is 1-bit Adam's warm-up: it needs --comm onebit")
     if not isinstance(cfg.overrides, dict):
         raise UsageError(f"overrides must be a dict of dotted keys, got {type(cfg.overrides).__name__}")
     check_output_paths(cfg)

@@ -127,8 +127,9 @@ class RunFolder:
     def open(self, *, resume: str | None, overwrite: bool, world_size: int) -> ResumePoint | None:
         """Apply the resume / overwrite policy before anything is written; return where to resume.
 
-        * ``resume`` (``latest`` or a path): continue from that checkpoint, which must have been
-          written by as many processes (the data order is sharded per process).
+        * ``resume`` (``latest`` or a path): continue from that checkpoint. On another number of
+          processes only with a packed (finite) corpus, whose loader maps the position; a
+          streamed corpus's position is per rank.
         * a fresh run refuses a folder holding checkpoints unless ``overwrite``; they are
           deleted by :meth:`clear_checkpoints` when training starts, after every other check.
         * ``resume`` and ``overwrite`` together are a contradiction.
@@ -139,10 +140,11 @@ class RunFolder:
             checkpoint = resolve_checkpoint(resume, self.path)
             state = read_trainer_state(checkpoint)
             written_by = int(state.get("world_size", 1))
-            if written_by != world_size:
+            packed = all(isinstance(d, dict) and d.get("kind") == "packed" for d in state.get("data") or [None])
+            if written_by != world_size and not packed:
                 raise UsageError(
-                    f"checkpoint {checkpoint} was written by {written_by} processes; resume with the same number "
-                    "(the data order is sharded per process)"
+                    f"checkpoint {checkpoint} was written by {written_by} processes from a streamed corpus, whose position "
+                    "is per process; resume with the same number of processes"
                 )
             return ResumePoint(checkpoint, state)
         if list_checkpoints(self.checkpoints) and not overwrite:

@@ -24,7 +24,6 @@ reproduces the uninterrupted one bit for bit.
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import math
 import statistics
@@ -41,12 +40,13 @@ from tqdm.auto import tqdm
 
 from .. import accounting
 from ..data import build_data
-from ..distributed import Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message, wrap_ddp
+from ..distributed import Heartbeat, init_distributed, is_comm_failure, stalled_message
+from ..distributed.strategy import check_comm, make_strategy
 from ..errors import UsageError
-from ..methods import apply_method, build_controller, build_optimizer, load_method
+from ..methods import apply_method, build_controller, build_optimizer, load_method, param_groups
 from ..models import build_model, load_model_config
 from ..wrap import count_parameters, is_wrapped
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints
 from .config import TrainConfig, autocast_for, total_steps, validate_config
 from .folder import CheckpointMeta, RunFolder, structural_differences
 from .health import StepHealth, StopTraining, first_nonfinite
@@ -82,7 +82,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         validate_config(cfg)
         self.cfg = cfg
-        self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout)
+        self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout, always_group=cfg.strategy == "fsdp2")
         self.heartbeat = Heartbeat(self.dist)
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.folder = RunFolder(cfg.run_dir())
@@ -90,6 +90,11 @@ class Trainer:
         self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size)
         self.method = load_method(cfg.method).with_overrides(cfg.overrides, rank=cfg.rank, lr=cfg.lr,
                                                              cycle_length=cfg.cycle_length)
+        check_comm(cfg.comm, cfg.strategy, self.method)
+        self.strategy = make_strategy(cfg.strategy, self.dist, self.device, comm=cfg.comm, precision=self.precision)
+        if self.strategy.sharded and self.method.warm_start_steps:
+            raise UsageError("--strategy fsdp2 does not run a dense warm start (lowrank.warm_start_steps): the model would "
+                             "be re-wrapped while sharded; set lowrank.warm_start_steps=0 or use --strategy ddp")
         self.model_config = load_model_config(cfg.model)
         limit = getattr(self.model_config, "max_position_embeddings", cfg.seq_len)
         if cfg.seq_len > limit:
@@ -125,7 +130,7 @@ class Trainer:
         """The method on this model, built on the ``meta`` device (nothing allocated): a rank that
         does not fit a layer fails here, before the data is tokenized or anything is written."""
         model = build_model(self.model_config, device="meta")
-        apply_method(model, self.method, seed=self.cfg.seed)
+        apply_method(model, self.method, seed=self.cfg.seed, lowrank=True)
         if self.cfg.optimizer_factory is None:
             build_optimizer(model, self.method, seed=self.cfg.seed)
 
@@ -138,25 +143,40 @@ class Trainer:
     def _enter(self, phase: Phase, *, carry_state: bool = True) -> None:
         """Make the model, optimizer and controller of ``phase``, starting at ``self.step``."""
         self.phase = phase
-        if not phase.dense and not is_wrapped(self.model):
-            apply_method(self.model, self.method, seed=self.cfg.seed)
+        apply_method(self.model, self.method, seed=self.cfg.seed, lowrank=not phase.dense)
         previous = self.optimizer.state if (carry_state and self.optimizer is not None) else {}
-        if self.cfg.optimizer_factory is not None:
-            self.optimizer = self.cfg.optimizer_factory(self.model, self.method)
-        else:
-            self.optimizer = build_optimizer(self.model, self.method, seed=self.cfg.seed)
+        # Drop the old DDP wrapper first: its reducer's gradient hooks go with it.
+        self.module = None
+        gc.collect()
+        # FSDP2 replaces the parameters by shards: the optimizer is built over those.
+        self.module = self.strategy.prepare(self.model)
+        self.optimizer = self._build_optimizer()
         for group in self.optimizer.param_groups:  # parameters that live on (embeddings, norms, head)
             for p in group["params"]:
                 if p in previous:
                     self.optimizer.state[p] = previous[p]
         self.controller = build_controller(self.model, self.optimizer, self.method, total_steps=self.total_steps,
                                            start_step=self.step, layer_events=not phase.dense)
-        # Drop the old DDP wrapper first: its reducer's gradient hooks go with it.
-        self.module = None
-        gc.collect()
-        self.module = wrap_ddp(self.model, self.dist, self.device)
+        self.strategy.attach(self.module, self.optimizer, self.step)
         if self.cfg.compile:
             self.module = torch.compile(self.module)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The preset's optimizer (or the caller's factory; or 1-bit Adam over the preset's groups
+        with ``--comm onebit``)."""
+        if self.cfg.optimizer_factory is not None:
+            return self.cfg.optimizer_factory(self.model, self.method)
+        if self.cfg.comm == "onebit":
+            from ..distributed.onebit import OneBitAdam
+
+            settings = self.method.optimizer
+            freeze = self.cfg.freeze_step or max(1, self.method.warmup_steps(self.total_steps))
+            try:
+                return OneBitAdam(param_groups(self.model, self.method), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                  weight_decay=settings.weight_decay, freeze_step=freeze)
+            except ValueError as error:
+                raise UsageError(f"--comm onebit: {error}") from None
+        return build_optimizer(self.model, self.method, seed=self.cfg.seed)
 
     def _check_resumable(self) -> None:
         """A checkpoint at the end of the run, or one trained with other shapes, is refused with
@@ -166,6 +186,9 @@ class Trainer:
             raise UsageError(f"checkpoint {checkpoint} is at step {step}, the end of this run ({self.total_steps} steps): nothing "
                              "to resume; raise --max-steps / --max-tokens to train further, or export it with lowrank export")
         meta = self.resume.meta()
+        if self.strategy.sharded and not (checkpoint / "dcp").is_dir():
+            raise UsageError(f"checkpoint {checkpoint} was written without --strategy fsdp2 (one full state dict, not a DCP "
+                             "checkpoint); resume it with --strategy ddp, or start the FSDP2 run afresh")
         changes = structural_differences(meta.method, self.method.to_dict(), meta.model_config, self.model_config.to_dict())
         if changes:
             raise UsageError(f"checkpoint {checkpoint} was trained with other shapes ({'; '.join(changes)}); resume with the "
@@ -177,11 +200,15 @@ class Trainer:
         resume (``--lr``, ``--set optimizer.weight_decay=...``) apply from here on."""
         state = self.resume.state
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        load_checkpoint(self.resume.checkpoint, self.model, self.optimizer, device=self.device)
+        self.strategy.load(self.resume.checkpoint, state, model=self.model, optimizer=self.optimizer)
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
         self.controller.load_state_dict(state["controller"])
-        self.data.train.load_state_dict(state["data"][self.dist.rank])
+        data_states = state["data"]
+        # A packed corpus is read in the same global order at any world size (the loader maps the
+        # position); a stream's position is per rank and needs the same number of ranks.
+        self.data.train.load_state_dict(data_states[self.dist.rank] if len(data_states) == self.dist.world_size
+                                        else data_states[0])
         torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -199,14 +226,13 @@ class Trainer:
                 # "has its data for step N": before the first collective of the step (DDP's
                 # buffer broadcast in forward), so a rank that stalls is the one behind
                 self.heartbeat.beat(self.step + 1)
-            sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
-            with (contextlib.nullcontext() if sync else self.module.no_sync()), self.autocast:
+            with self.strategy.sync_context(self.module, micro == cfg.grad_accum - 1), self.autocast:
                 loss = self.module(input_ids=batch, labels=batch).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
         grad_clip = self.method.training.grad_clip
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
+        grad_norm = self.strategy.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
         # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
         self.skipped = self.health.should_skip(grad_norm)
@@ -224,7 +250,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss on the fixed validation chunks (sharded over ranks, then summed)."""
         self.module.eval()
-        shard = self.data.valid[self.dist.rank :: self.dist.world_size]
+        shard = self.strategy.validation_shard(self.data.valid)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, shard.shape[0], self.cfg.batch_size):
@@ -255,9 +281,9 @@ class Trainer:
         # Only a finite state becomes a checkpoint: one foreach norm over weights and moments.
         named = list(self.model.named_parameters())
         named += [(f"optimizer state {key}", value) for state in self.optimizer.state.values() for key, value in state.items()]
-        bad = first_nonfinite(named)
-        if bad is not None:
-            raise self._diverged(f"{bad} became non-finite")
+        bad = first_nonfinite(self.strategy.local_tensors(named))
+        if self.strategy.any_rank(bad is not None):
+            raise self._diverged(f"{bad or 'a tensor on another rank'} became non-finite")
         # A streamed corpus has a different position on every rank: keep all of them.
         data_states = [self.data.train.state_dict()]
         if self.dist.enabled:
@@ -268,12 +294,11 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"step": self.step, "world_size": self.dist.world_size, "controller": self.controller.state_dict(),
                  "data": data_states, "rng": rng}
-        if not self.dist.main:
-            return
-        meta = CheckpointMeta(config=asdict(self.cfg), method=self.method.to_dict(), model_config=self.model_config.to_dict(),
+        config = {k: v for k, v in asdict(self.cfg).items() if k != "optimizer_factory"}
+        meta = CheckpointMeta(config=config, method=self.method.to_dict(), model_config=self.model_config.to_dict(),
                               wrapped=is_wrapped(self.model), step=self.step)
-        save_checkpoint(self.folder.checkpoints, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
-                        meta=meta.to_dict(), keep=self.cfg.keep_checkpoints)
+        self.strategy.save(self.folder.checkpoints, self.step, model=self.model, optimizer=self.optimizer, trainer_state=state,
+                           meta=meta.to_dict(), keep=self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------ the loop
 
@@ -313,7 +338,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.skipped:
                     logger.log({"step": self.step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                 "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_bytes": memory,
-                                **({"skipped": True} if self.skipped else {})})
+                                **self.strategy.comm_record(), **({"skipped": True} if self.skipped else {})})
                 if self.event is not None:
                     event = self.event
                     logger.log({"step": self.step, "tokens": tokens, "event": event.event, "layers": event.layers,
@@ -342,7 +367,7 @@ class Trainer:
         return summary
 
     def _summary(self, step_times: list[float], recent_losses, val_loss: float | None) -> dict[str, Any]:
-        own_hash = parameter_hash(self.model)
+        own_hash = self.strategy.parameter_hash(self.model)
         hashes = [own_hash]
         if self.dist.enabled:
             hashes = [None] * self.dist.world_size
@@ -371,6 +396,9 @@ class Trainer:
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss",
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
             "world_size": self.dist.world_size,
+            "strategy": self.strategy.name,
+            "comm": self.cfg.comm,
+            "comm_bytes_total": self.strategy.comm_record().get("comm_bytes_total"),
             "parameter_hashes": hashes,
             "precision": self.precision,
             "run_dir": str(self.folder.path),

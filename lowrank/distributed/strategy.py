@@ -1,0 +1,220 @@
+"""How a run spreads over ranks: one process, DDP (with an optional communication hook), or
+FSDP2. The training loop asks its :class:`Strategy` for the few things that differ — wrapping the
+model, gradient sync during accumulation, the global gradient norm, the finite-state check, the
+parameter hash, the validation shard and the checkpoint format — and is otherwise the same loop.
+
+* ``ddp`` (default): PyTorch's DDP when ``WORLD_SIZE > 1``; ``--comm`` registers a communication
+  hook (:mod:`.comm`: PyTorch's ``bf16`` / ``fp16`` / ``powersgd``, our ``projected``, or
+  ``onebit`` with :class:`~lowrank.distributed.onebit.OneBitAdam` as the optimizer) and the bytes
+  it sends are logged per step. Checkpoints: one ``model.safetensors`` + ``optimizer.pt`` written
+  by rank 0 (with ``onebit`` every rank's own optimizer state, since its error-feedback buffers
+  differ per rank).
+* ``fsdp2``: ``fully_shard`` per decoder layer and at the root (:mod:`.fsdp`), bf16 compute with
+  fp32 gradient reduction on GPU, fp32 on CPU; checkpoints through ``torch.distributed.checkpoint``
+  (:mod:`.dcp`), which reshard on load, so a run can resume on another number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UsageError
+from .setup import DistInfo, launched_by_torchrun, parameter_hash, wrap_ddp
+
+__all__ = ["STRATEGIES", "COMMS", "Strategy", "make_strategy", "check_comm"]
+
+STRATEGIES = ("ddp", "fsdp2")
+COMMS = ("none", "bf16", "fp16", "powersgd", "projected", "onebit")
+
+
+def check_comm(comm: str, strategy: str, method) -> None:
+    """What ``--comm`` can serve, decided from the method before any work (one-line errors)."""
+    if comm not in COMMS:
+        raise UsageError(f"--comm must be one of {', '.join(COMMS)}, got {comm!r}")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if comm != "none" and strategy != "ddp":
+        raise UsageError(f"--comm {comm} is a DDP communication hook; FSDP2 reduce-scatters its gradients itself: "
+                         "drop --comm or use --strategy ddp")
+    matrix = method.optimizer.matrix
+    if comm == "projected":
+        if matrix.get("projection") not in ("svd", "randomized"):
+            raise UsageError(f"--comm projected sends GaLore-style projected gradients, but method {method.name} has no "
+                             "svd/randomized projection (optimizer.matrix.projection); pick galore or fira, or another --comm")
+    if comm == "onebit":
+        if method.optimizer.name != "projected_adamw":
+            raise UsageError(f"--comm onebit replaces the optimizer with 1-bit Adam; method {method.name} uses "
+                             f"{method.optimizer.name}: pick a ProjectedAdamW method")
+        refused = [k for k in ("projection", "density", "spike_threshold", "adaptive_clip", "norm_scaling", "state_bits")
+                   for group in (matrix, method.optimizer.other) if group.get(k) not in (None, 0, 0.0, 1.0, False)]
+        if refused:
+            raise UsageError(f"--comm onebit cannot serve method {method.name}: 1-bit Adam compresses the momentum of plain "
+                             f"Adam, which {', '.join(sorted(set(refused)))} change; pick low_rank, low_rank_restarts, "
+                             "relora, sltrain or full_rank")
+
+
+class Strategy:
+    """The single-process / DDP behaviour; :class:`FSDP2Strategy` overrides what differs."""
+
+    name = "ddp"
+    sharded = False
+
+    def __init__(self, info: DistInfo, device: torch.device, comm: str = "none", precision: str = "fp32") -> None:
+        self.info, self.device, self.comm, self.precision = info, device, comm, precision
+        self.comm_stats = None
+
+    # ------------------------------------------------------------------ model and optimizer
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The module the forward pass goes through (DDP wrapper or the model itself)."""
+        return wrap_ddp(model, self.info, self.device)
+
+    def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int) -> None:
+        """After the optimizer exists: the communication hook (DDP with ``--comm``)."""
+        if self.comm != "none" and self.info.enabled:
+            from .comm import register_comm_hook
+
+            try:
+                self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step)
+            except ValueError as error:
+                raise UsageError(f"--comm {self.comm}: {error}") from None
+
+    def sync_context(self, module: nn.Module, last_micro_batch: bool):
+        """Gradient sync only on the last micro-batch of an accumulation."""
+        if self.info.enabled and not last_micro_batch:
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ numbers every rank agrees on
+
+    def grad_norm(self, norm: torch.Tensor) -> float:
+        """The global gradient norm as a float. With ``onebit`` after its warm-up each rank holds
+        its own gradient, so a non-finite norm anywhere makes every rank see NaN (the skip
+        decision must be the same everywhere: 1-bit Adam's step is a collective)."""
+        value = float(norm)
+        if self.comm == "onebit" and self.info.enabled and self.any_rank(not torch.isfinite(torch.tensor(value))):
+            return float("nan")
+        return value
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so every rank takes the same decision)."""
+        if not self.info.enabled:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def local_tensors(self, tensors):
+        """The tensors a finite check must look at on this rank (all of them, or the local shards)."""
+        return tensors
+
+    def parameter_hash(self, model: nn.Module) -> str:
+        return parameter_hash(model)
+
+    def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
+        return valid[self.info.rank :: self.info.world_size]
+
+    def comm_record(self) -> dict[str, Any]:
+        return self.comm_stats.record() if self.comm_stats is not None else {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, root: Path, step: int, *, model, optimizer, trainer_state: dict, meta: dict, keep: int) -> None:
+        from ..run.checkpoint import save_checkpoint
+
+        if self.comm == "onebit" and self.info.enabled:
+            # 1-bit Adam's error feedback differs per rank: keep every rank's state.
+            states = [None] * self.info.world_size
+            dist.all_gather_object(states, optimizer.state_dict())
+            trainer_state = {**trainer_state, "rank_optimizer_states": states}
+        if self.info.main:
+            save_checkpoint(root, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
+                            meta={**meta, "strategy": self.name}, keep=keep)
+
+    def load(self, checkpoint: Path, state: dict, *, model, optimizer) -> None:
+        from ..run.checkpoint import load_checkpoint
+        from .dcp import is_sharded_checkpoint, load_sharded_checkpoint
+
+        if is_sharded_checkpoint(checkpoint):  # an FSDP2 run's: DCP loads it into the whole model too
+            load_sharded_checkpoint(checkpoint, model, optimizer)
+            return
+        load_checkpoint(checkpoint, model, optimizer, device=self.device)
+        states = state.get("rank_optimizer_states")
+        if states:
+            if len(states) != self.info.world_size:
+                raise UsageError(f"checkpoint {checkpoint} holds 1-bit Adam states of {len(states)} ranks (their error feedback "
+                                 f"is per rank); resume --comm onebit on {len(states)} processes")
+            optimizer.load_state_dict(states[self.info.rank])
+
+
+class FSDP2Strategy(Strategy):
+    name = "fsdp2"
+    sharded = True
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from .fsdp import shard_model
+
+        if not any(getattr(p, "_local_tensor", None) is not None for p in model.parameters()):
+            shard_model(model, mixed_precision=self.device.type == "cuda" and self.precision == "bf16-mixed")
+        return model
+
+    def attach(self, module, optimizer, start_step) -> None:
+        pass
+
+    def sync_context(self, module: nn.Module, last_micro_batch: bool):
+        module.set_requires_gradient_sync(last_micro_batch)
+        return contextlib.nullcontext()
+
+    def grad_norm(self, norm) -> float:
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def local_tensors(self, tensors):
+        return [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in tensors]
+
+    def parameter_hash(self, model: nn.Module) -> str:
+        # Hash the whole parameters (every rank gathers them): equal hashes mean the same model.
+        import hashlib
+
+        from ..wrap import unwrap_model
+
+        digest = hashlib.sha256()
+        for name, param in unwrap_model(model).named_parameters():
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            digest.update(name.encode())
+            digest.update(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
+        # Every rank must run the same number of forward passes (each one all-gathers): the
+        # validation chunks are cut to a multiple of the world size.
+        usable = len(valid) - len(valid) % self.info.world_size
+        return valid[:usable][self.info.rank :: self.info.world_size]
+
+    def save(self, root: Path, step: int, *, model, optimizer, trainer_state: dict, meta: dict, keep: int) -> None:
+        from .dcp import save_sharded_checkpoint
+
+        save_sharded_checkpoint(root, model, optimizer, trainer_state, step=step, meta={**meta, "strategy": self.name},
+                                keep=keep)
+
+    def load(self, checkpoint: Path, state: dict, *, model, optimizer) -> None:
+        from .dcp import is_sharded_checkpoint, load_sharded_checkpoint
+
+        if not is_sharded_checkpoint(checkpoint):
+            raise UsageError(f"checkpoint {checkpoint} was written without --strategy fsdp2 (one full state dict, not a DCP "
+                             "checkpoint); resume it with --strategy ddp, or start the FSDP2 run afresh")
+        load_sharded_checkpoint(checkpoint, model, optimizer)
+
+
+def make_strategy(name: str, info: DistInfo, device: torch.device, *, comm: str, precision: str) -> Strategy:
+    if name == "fsdp2":
+        if not launched_by_torchrun():
+            raise UsageError("--strategy fsdp2 shards the model over the ranks of a process group: start with "
+                             "torchrun --nproc_per_node N -m lowrank pretrain ... (or drop --strategy for one process)")
+        return FSDP2Strategy(info, device, comm, precision)
+    return Strategy(info, device, comm, precision)

@@ -1,0 +1,255 @@
+"""Quantization evaluation of a trained causal LM: how outlier-prone its hidden states are, and how
+much validation perplexity it loses under simulated weight-only and weight–activation quantization.
+
+**Hidden-state statistics** (forward hooks on the output of every decoder layer, on the
+validation batches; the embedding output is not counted):
+
+* excess kurtosis as Outlier-Safe Pre-Training measures it (Park et al. 2025, arXiv 2506.19697;
+  DESIGN 2.10). For the hidden state ``x ∈ R^d`` of one token at one layer::
+
+      κ(x) = max(0, mean_j(x_j⁴) / std(x)⁴ − 3),    std(x)² = Σ_j (x_j − x̄)² / (d − 1)
+
+  i.e. the fourth moment is *not* centred while the standard deviation is (and unbiased), and
+  each token's value is clamped at 0 — their conventions, kept so that the numbers compare with
+  the paper's (Adam 1.4B: 1818.56, OSP: 0.04). The reported ``kurtosis`` is the mean of ``κ`` over
+  all tokens of all validation sequences, per layer, then over layers (every layer sees the same
+  tokens, so this is also the mean over all (layer, token) pairs). For a zero-mean Gaussian it is
+  ≈ 0 (the clamp adds a small positive bias, about ``0.4·sqrt(24/d)``), for a Laplace ≈ 3. A token
+  whose hidden state is constant (``std = 0``: e.g. a padding-index embedding row, all zero, at
+  position 0 stays zero through every LLaMA block) has no kurtosis (``0/0``); it is left out of
+  the mean and counted in ``skipped_tokens``.
+* ``max_abs``: the largest ``|x_j|`` over every layer output, token and channel.
+
+**Perplexity** ``exp(mean next-token cross-entropy)`` over the validation tokens, in full
+precision and under each scheme of :func:`default_schemes`, simulated with
+:func:`lowrank.quant.apply_fake_quant` (round-to-nearest; :func:`lowrank.quant.fake_quantize`
+formats) on **every linear layer but the output head** (PEFT's ``"all-linear"`` rule: the head and
+the embeddings stay in full precision, as is usual in weight-quantization papers; the head is
+the layer most sensitive to quantization and often kept at 8+ bits in deployment):
+
+* ``w4``, ``w3``, ``w2``: weight-only INT4 / INT3 / INT2, symmetric absmax per group of
+  ``group_size`` (128) consecutive input channels (INT2 symmetric is ternary, ``{−1, 0, 1}·s``;
+  see :mod:`lowrank.quant.formats`).
+* ``w4a4``, ``w8a8``: the same weights (INT4 / INT8, per group) and each linear layer's input
+  quantized symmetric per token (one absmax scale per token row, ``group_size=-1``).
+
+A model wrapped in ``LowRankLinear`` layers is evaluated as its dense merge
+(:func:`lowrank.merge_to_dense`), and an OSP model after :func:`lowrank.osp.fold`, since that is
+what would be deployed (:func:`plain_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..deploy import plain_model
+from ..errors import UsageError
+from .fake import FakeQuantConfig, apply_fake_quant, remove_fake_quant
+from .formats import QuantFormat, bits_per_weight
+
+__all__ = [
+    "default_schemes",
+    "excess_kurtosis",
+    "hidden_state_statistics",
+    "validation_loss",
+    "evaluate_quantization",
+    "format_quant_eval",
+    "decoder_layers",
+    "plain_model",
+    "as_batches",
+]
+
+
+def default_schemes(group_size: int = 128) -> dict[str, FakeQuantConfig | None]:
+    """``{"fp": None, "w4", "w3", "w2", "w4a4", "w8a8"}`` as in the module docstring."""
+
+    def weights(bits: int) -> QuantFormat:
+        return QuantFormat("int", bits, group_size, symmetric=True)
+
+    def per_token(bits: int) -> QuantFormat:
+        return QuantFormat("int", bits, -1, symmetric=True)
+
+    schemes: dict[str, FakeQuantConfig | None] = {"fp": None}
+    for bits in (4, 3, 2):
+        schemes[f"w{bits}"] = FakeQuantConfig(weights=weights(bits), target_modules="all-linear")
+    for bits in (4, 8):
+        schemes[f"w{bits}a{bits}"] = FakeQuantConfig(weights=weights(bits), activations=per_token(bits), target_modules="all-linear")
+    return schemes
+
+
+def excess_kurtosis(x: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+    """OSP's per-token excess kurtosis over the last dimension (see the module docstring):
+    ``mean(x⁴) / std(x)⁴ − 3`` with the unbiased std, clamped at 0 unless ``clamp=False``.
+    Returns ``x.shape[:-1]`` float32 values; NaN where ``std(x) = 0``."""
+    x = x.float()
+    kurtosis = x.pow(4).mean(-1) / x.std(-1).pow(4) - 3.0
+    return kurtosis.clamp_min(0.0) if clamp else kurtosis
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and ``ModuleList`` of the decoder blocks: the first ``ModuleList`` holding
+    ``config.num_hidden_layers`` modules (``model.layers`` for LLaMA/Qwen2, ``transformer.h`` for GPT-2)."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (count is None or len(module) == count):
+            return name, module
+    raise UsageError(f"{type(model).__name__}: cannot find its decoder layers (a ModuleList of num_hidden_layers={count} blocks)")
+
+
+def as_batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """Token batches from an ``(N, T)`` LongTensor (split into ``batch_size`` rows) or an iterable
+    of ``(B, T)`` LongTensors, moved to ``device``."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 2:
+            raise UsageError(f"token batches must be an (N, seq_len) tensor, got shape {tuple(data.shape)}")
+        data = data.split(batch_size)
+    batches = [batch.to(device) if device is not None else batch for batch in data]
+    if not batches or any(b.ndim != 2 or b.shape[1] < 2 for b in batches):
+        raise UsageError("need at least one (batch, seq_len >= 2) batch of token ids")
+    return batches
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy over all predicted tokens of ``batches`` (nats)."""
+    total, count = 0.0, 0
+    for ids in batches:
+        predicted = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(model(input_ids=ids, labels=ids).loss.double()) * predicted
+        count += predicted
+    return total / count
+
+
+@torch.no_grad()
+def hidden_state_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict:
+    """Excess kurtosis and largest magnitude of every decoder layer's output (see the module docstring).
+
+    Returns ``{"kurtosis", "max_abs", "skipped_tokens", "layers": [{"layer", "kurtosis", "max_abs"}, ...]}``.
+    """
+    _, layers = decoder_layers(model)
+    sums = [0.0] * len(layers)
+    counts = [0] * len(layers)
+    peaks = [0.0] * len(layers)
+    skipped = [0] * len(layers)
+
+    def hook(index: int):
+        def record(module, inputs, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            kurtosis = excess_kurtosis(hidden)
+            defined = kurtosis.isfinite()
+            sums[index] += float(kurtosis[defined].double().sum())
+            counts[index] += int(defined.sum())
+            skipped[index] += kurtosis.numel() - int(defined.sum())
+            peaks[index] = max(peaks[index], float(hidden.detach().abs().max()))
+        return record
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_layer = [{"layer": i, "kurtosis": sums[i] / max(counts[i], 1), "max_abs": peaks[i]} for i in range(len(layers))]
+    return {
+        "kurtosis": sum(row["kurtosis"] for row in per_layer) / len(per_layer),
+        "max_abs": max(peaks),
+        "skipped_tokens": sum(skipped),
+        "layers": per_layer,
+    }
+
+
+def _scheme_row(config: FakeQuantConfig | None, loss: float) -> dict:
+    weights = config.weights if config is not None else None
+    activations = config.activations if config is not None else None
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "weights": weights.label if weights else None,
+        "activations": activations.label if activations else None,
+        "bits_per_weight": bits_per_weight(weights) if weights and weights.group_size not in (None, -1) else None,
+    }
+
+
+def evaluate_quantization(
+    model: nn.Module,
+    valid: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    group_size: int = 128,
+    schemes: dict[str, FakeQuantConfig | None] | None = None,
+) -> dict:
+    """Hidden-state statistics and perplexity under each quantization scheme (module docstring).
+
+    Args:
+        model: a causal LM (``model(input_ids=..., labels=...)``); a wrapped or OSP model is
+            evaluated as :func:`plain_model` makes it. It is left as it was.
+        valid: validation token ids, an ``(N, T)`` LongTensor (e.g. ``build_data(...).valid``) or
+            an iterable of ``(B, T)`` batches.
+        batch_size: rows per forward when ``valid`` is one tensor.
+        group_size: weight group size of the default schemes (must divide every quantized
+            layer's input dimension).
+        schemes: ``{label: FakeQuantConfig or None (full precision)}``; default :func:`default_schemes`.
+
+    Returns:
+        ``{"tokens", "sequences", "seq_len", "kurtosis", "max_abs", "layers", "schemes": {label:
+        {"loss", "ppl", "weights", "activations", "bits_per_weight"}}}``.
+
+    Raises:
+        UsageError: the group size does not divide a layer's dimension (the message names it).
+    """
+    model = plain_model(model)
+    was_training = model.training
+    model.eval()
+    batches = as_batches(valid, batch_size, _device(model))
+    schemes = default_schemes(group_size) if schemes is None else schemes
+    try:
+        stats = hidden_state_statistics(model, batches)
+        rows = {}
+        for label, config in schemes.items():
+            if config is None:
+                rows[label] = _scheme_row(None, validation_loss(model, batches))
+                continue
+            try:
+                apply_fake_quant(model, config)
+            except ValueError as error:
+                raise UsageError(f"quantization scheme {label}: {error}") from None
+            try:
+                rows[label] = _scheme_row(config, validation_loss(model, batches))
+            finally:
+                remove_fake_quant(model)
+    finally:
+        model.train(was_training)
+    return {
+        "tokens": sum(b.numel() for b in batches),
+        "sequences": sum(b.shape[0] for b in batches),
+        "seq_len": batches[0].shape[1],
+        **stats,
+        "schemes": rows,
+    }
+
+
+def format_quant_eval(result: dict) -> str:
+    """A plain-text table of :func:`evaluate_quantization`'s result."""
+    lines = [
+        f"{result['tokens']:,} validation tokens ({result['sequences']} x {result['seq_len']}); "
+        f"hidden states: excess kurtosis {result['kurtosis']:.3f}, max |x| {result['max_abs']:.2f}",
+        f"{'scheme':<8} {'weights':<14} {'activations':<14} {'bits/w':>7} {'loss':>8} {'ppl':>10} {'Δppl':>9}",
+    ]
+    base = result["schemes"].get("fp", {}).get("ppl")
+    for label, row in result["schemes"].items():
+        bits = f"{row['bits_per_weight']:.3f}" if row["bits_per_weight"] else "-"
+        delta = f"{row['ppl'] - base:+.2f}" if base is not None and label != "fp" else ""
+        lines.append(
+            f"{label:<8} {row['weights'] or 'full':<14} {row['activations'] or 'full':<14} {bits:>7} "
+            f"{row['loss']:>8.4f} {row['ppl']:>10.2f} {delta:>9}"
+        )
+    return "\n".join(lines)
