@@ -102,6 +102,7 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
     contender = CONTENDERS[spec.contender]
     training = {k: v for k, v in asdict(suite).items() if k not in PLAN_FIELDS}
     overrides = scaled_overrides(contender, suite)
+    overrides.update(dict(contender.overrides))
     if spec.ratio is not None:
         overrides["optimizer.matrix_lr_ratio"] = spec.ratio
     method = preset_as_written(contender.preset, {**overrides, "optimizer.lr": spec.lr})
@@ -109,7 +110,7 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
         "suite": suite_name,
         "training": training,
         "contender": spec.contender,
-        "definition": asdict(contender),
+        "definition": contender.definition(),
         "lr": spec.lr,
         "matrix_lr_ratio": spec.ratio,
         "seed": spec.seed,
@@ -186,7 +187,7 @@ def run_one(settings: dict[str, Any], out_json: Path, work: Path) -> None:
         batch_size=suite.batch_size, grad_accum=suite.grad_accum, seq_len=suite.seq_len, max_steps=suite.steps,
         eval_every=suite.eval_every, eval_tokens=suite.eval_tokens, save_every=suite.save_every, keep_checkpoints=1,
         out=str(run_dir), resume="latest" if resume else None, overwrite=not resume, seed=settings["seed"],
-        device=suite.device, precision=suite.precision, progress=False, plot=False,
+        device=suite.device, precision=contender.precision or suite.precision, progress=False, plot=False,
         cache_dir=str(work / settings["suite"] / "cache"), log_every=1, overrides=settings["overrides"],
         optimizer_factory=factory,
     )
@@ -218,8 +219,8 @@ def run_one(settings: dict[str, Any], out_json: Path, work: Path) -> None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
         return
-    # The comparison needs the logs, not the weights.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if not suite.keep_checkpoints:  # the comparison needs the logs, not the weights
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     description = json.loads((run_dir / "config.json").read_text()).get("data", {})

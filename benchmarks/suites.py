@@ -6,7 +6,8 @@ Data only; ``plan.py`` decides which runs a suite needs and ``compare.py`` runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = ["Suite", "Contender", "SUITES", "CONTENDERS", "PLAN_FIELDS"]
 
@@ -36,7 +37,8 @@ class Suite:
 
     ``warm_start_fraction``: ReLoRA-style presets (a frozen base) train the dense model for this
     fraction of the steps first, as ReLoRA's paper does. ``save_every``: checkpoint interval, so
-    an interrupted run continues from its last checkpoint.
+    an interrupted run continues from its last checkpoint. ``keep_checkpoints``: keep each run's
+    final checkpoint (for evaluations after training, e.g. ``lowrank quant-eval``).
     """
 
     model: str
@@ -62,6 +64,7 @@ class Suite:
     seeds: tuple[int, ...] = (0,)
     ablation: tuple[str, ...] = ()
     ablation_base: str | None = None
+    keep_checkpoints: bool = False
 
     @property
     def tokens(self) -> int:
@@ -69,7 +72,7 @@ class Suite:
 
 
 PLAN_FIELDS = ("note", "contenders", "sweep", "sweep_all", "max_extend", "ratio_sweep", "seeds", "ablation", "ablation_base",
-               "save_every")
+               "save_every", "keep_checkpoints")
 """Suite fields that decide which runs exist, not how one run trains."""
 
 
@@ -79,7 +82,9 @@ class Contender:
 
     ``lr``: the published value the sweep centres on (``None``: the preset's own). ``sweep``:
     swept even in suites that sweep only some contenders. ``cycle``: this contender's own event
-    period instead of the suite's (the ablation's period variants).
+    period instead of the suite's (the ablation's period variants). ``overrides``: extra preset
+    keys (``(("quant.weights", "int4"),)``: the same preset trained in 4 bits). ``precision``:
+    this contender's own (``"bf16-mixed"``) instead of the suite's.
     """
 
     preset: str
@@ -89,6 +94,17 @@ class Contender:
     peer_scale: float | None = None
     cycle: int | None = None
     source: str = ""
+    overrides: tuple[tuple[str, Any], ...] = ()
+    precision: str | None = None
+
+    def definition(self) -> dict[str, Any]:
+        """The fields that define the contender, for a run's settings hash: the later-added
+        ``overrides`` and ``precision`` only when set, so results of earlier contenders stay valid."""
+        data = asdict(self)
+        for key in ("overrides", "precision"):
+            if not data[key]:
+                data.pop(key)
+        return data
 
 
 CONTENDERS = {
@@ -111,6 +127,30 @@ CONTENDERS = {
     "low_rank_reset": Contender("low_rank_reset", lr=1.5e-3, source="ablation: momentum reset only"),
     "low_rank_restarts@100": Contender("low_rank_restarts", lr=1.5e-3, cycle=100, source="ablation: period 100"),
     "low_rank_restarts@400": Contender("low_rank_restarts", lr=1.5e-3, cycle=400, source="ablation: period 400"),
+    "stable_spam": Contender("stable_spam", lr=1e-3, source="Stable-SPAM paper"),
+    # 4-bit training (Stable-SPAM's INT4: weights asymmetric per group of 256, activations per group
+    # of 64 with stochastic rounding and the top-2 of each group in full precision; the quant section).
+    "adamw-bf16": Contender("full_rank", peer="adamw", lr=1e-3, precision="bf16-mixed", source="AdamW's, bf16 autocast"),
+    "adamw-int4": Contender("full_rank", peer="adamw", lr=1e-3, overrides=(("quant.weights", "int4"),),
+                            source="AdamW's, INT4 weights and activations"),
+    "spam-int4": Contender("spam", lr=1e-3, overrides=(("quant.weights", "int4"),), source="SPAM paper, INT4"),
+    "stable_spam-int4": Contender("stable_spam", lr=1e-3, overrides=(("quant.weights", "int4"),), source="Stable-SPAM paper, INT4"),
+    "low_rank_restarts-int4": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("quant.weights", "int4"),),
+                                        source="benchmark paper, INT4"),
+    "lowrank_sparse-int4": Contender("lowrank_sparse", lr=1.5e-3, overrides=(("quant.weights", "int4"),), source="ours, INT4"),
+    # 8-bit optimizer moments (state_bits) against the same preset in 32 bits.
+    "adamw-ours": Contender("full_rank", lr=1e-3, overrides=(("optimizer.name", "projected_adamw"),),
+                            source="AdamW's: ProjectedAdamW with every option off"),
+    "adamw-ours-8bit": Contender("full_rank", lr=1e-3, overrides=(("optimizer.name", "projected_adamw"),
+                                                                  ("optimizer.matrix.state_bits", 8), ("optimizer.other.state_bits", 8)),
+                                 source="AdamW's, 8-bit moments"),
+    "low_rank-8bit": Contender("low_rank", lr=1.5e-3, overrides=(("optimizer.matrix.state_bits", 8), ("optimizer.other.state_bits", 8)),
+                               source="benchmark paper script, 8-bit moments"),
+    "lowrank_sparse_8bit": Contender("lowrank_sparse_8bit", lr=1.5e-3, source="ours, 8-bit moments"),
+    # Outlier-Safe Pre-Training and Muon.
+    "muon": Contender("muon", lr=1e-3, source="Moonlight: AdamW's lr with the matched-RMS scaling"),
+    "osp": Contender("osp", lr=1e-3, source="OSP paper (Muon as above)"),
+    "low_rank_muon": Contender("low_rank_muon", lr=1.5e-3, source="ours: the low-rank lr"),
 }
 
 _CPU_SMALL_CONTENDERS = ("adamw", "galore-torch", "fira", "apollo-torch", "adamw8bit", "adam-mini", "low_rank",
@@ -144,6 +184,25 @@ SUITES = {
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
                                 "low_rank_restarts@400"),
                       ablation_base="low_rank"),
+    # The seed papers' low-bit and quantization-readiness claims on cpu-long's model at a shorter
+    # budget (600 steps, 614k tokens per run): 4-bit training at 1×/2×/4× each lr (the Stable-SPAM
+    # abstract's claim is about stability at higher learning rates), 8-bit moments against 32-bit,
+    # and Muon / OSP models kept for lowrank quant-eval and quantize (benchmarks/bench_osp.py).
+    "cpu-int4": Suite(model="llama_20m", vocab_size=4096, seq_len=128, batch_size=8, steps=600, cycle=200, rank=64,
+                      eval_every=100, eval_tokens=65536, device="cpu", precision="fp32", save_every=200,
+                      note="cpu-long's model (LLaMA-20M shape, 4096-token BPE) for 600 steps",
+                      contenders=("adamw", "adamw-bf16", "adamw-int4", "spam-int4", "stable_spam-int4",
+                                  "low_rank_restarts-int4", "lowrank_sparse-int4"),
+                      sweep=(1.0, 2.0, 4.0), sweep_all=True, max_extend=0),
+    "cpu-8bit": Suite(model="llama_20m", vocab_size=4096, seq_len=128, batch_size=8, steps=600, cycle=200, rank=64,
+                      eval_every=100, eval_tokens=65536, device="cpu", precision="fp32", save_every=200,
+                      note="cpu-long's model (LLaMA-20M shape, 4096-token BPE) for 600 steps",
+                      contenders=("adamw-ours", "adamw-ours-8bit", "low_rank", "low_rank-8bit", "lowrank_sparse",
+                                  "lowrank_sparse_8bit")),
+    "cpu-osp": Suite(model="llama_20m", vocab_size=4096, seq_len=128, batch_size=8, steps=600, cycle=200, rank=64,
+                     eval_every=100, eval_tokens=65536, device="cpu", precision="fp32", save_every=200, keep_checkpoints=True,
+                     note="cpu-long's model (LLaMA-20M shape, 4096-token BPE) for 600 steps",
+                     contenders=("adamw", "muon", "osp", "low_rank_restarts", "low_rank_muon")),
     # The papers' 60M shape on one lent GPU, sized to one command under 8 minutes: 5 contenders,
     # 600 steps × 16k tokens (9.8M tokens) each, bf16 autocast. `benchmarks/gpu_quick.sh` runs it.
     "gpu-60m-quick": Suite(model="llama_60m", vocab_size=32000, seq_len=256, batch_size=64, steps=600, cycle=200, rank=128,
