@@ -270,6 +270,10 @@ def load_results(runs_dir: Path, hashes: dict[str, str]) -> dict[str, dict]:
     return found
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 class Runner:
     """Plans, launches and collects the runs of one suite (see the module docstring)."""
 
@@ -314,6 +318,9 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         running: dict[str, tuple[subprocess.Popen, RunSpec, float]] = {}
+        # A SIGTERM (kill, a batch system) must end the runs too, not orphan them: make it an
+        # exception so that the `finally` below stops them (they continue from their checkpoints).
+        signal.signal(signal.SIGTERM, _interrupt)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         try:
             changed = True
@@ -455,9 +462,9 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
         run_one(json.loads(args.run_one), Path(args.out_json), Path(args.work))
         return
-    if not args.data or not Path(args.data).exists():
-        parser.error(f"--data {args.data}: no such file or folder")
-    data = str(Path(args.data).resolve())
+    if not args.data or (args.data != "builtin" and not Path(args.data).exists()):
+        parser.error(f"--data {args.data}: no such file or folder (or 'builtin')")
+    data = args.data if args.data == "builtin" else str(Path(args.data).resolve())
     suite = parse_suite_overrides(args.suite_set, SUITES[args.suite])
     names = [n.strip() for n in (args.contenders or ",".join(suite.contenders)).split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTENDERS]

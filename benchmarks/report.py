@@ -111,6 +111,52 @@ def sweep_lines(combined: dict) -> list[str]:
     return lines
 
 
+def grid_table(combined: dict) -> list[str]:
+    """For a suite that runs a fixed learning-rate grid (no extension), every contender at every
+    multiple of its base lr: the final validation perplexity, or "diverged" (the run stopped on a
+    non-finite state), and how many runs diverged at each multiple."""
+    s = combined["settings"]
+    factors = s.get("sweep_factors") or []
+    if s.get("max_extend", 1) != 0 or len(factors) < 2:
+        return []
+    rows = {**combined.get("results", {}), **combined.get("incomplete", {})}
+    lines = ["Every run of the grid (validation perplexity; lr as a multiple of each contender's base):", "",
+             "| contender | base lr | " + " | ".join(f"×{f:g}" for f in factors) + " |",
+             "|---|---:|" + "---:|" * len(factors)]
+    diverged = [0] * len(factors)
+    for name, record in rows.items():
+        sweep = {round(t["lr"], 12): t for t in record.get("sweep", [])}
+        base = min(sweep) / min(factors) if sweep else None
+        cells = []
+        for i, factor in enumerate(factors):
+            t = sweep.get(round(base * factor, 12)) if base else None
+            if t is None:
+                cells.append("—")
+            elif t.get("failed") or t.get("val_ppl") is None:
+                cells.append("diverged")
+                diverged[i] += 1
+            else:
+                cells.append(f"{t['val_ppl']:.2f}")
+        lines.append(f"| `{name}` | {base:g} | " + " | ".join(cells) + " |" if base else f"| `{name}` | — |")
+    lines.append("")
+    lines.append("Diverged runs per multiple: " + ", ".join(f"×{f:g}: {n} of {len(rows)}" for f, n in zip(factors, diverged)) + ".")
+    return lines
+
+
+def low_bit_pairs(combined: dict) -> list[str]:
+    """The cost of 8-bit moments: each ``X-8bit`` / ``X_8bit`` contender against ``X``."""
+    results = completed(combined)
+    lines = []
+    for name, r in results.items():
+        for suffix in ("-8bit", "_8bit"):
+            if name.endswith(suffix) and name[: -len(suffix)] in results:
+                base = results[name[: -len(suffix)]]
+                lines.append(f"- `{name}` vs `{base['contender']}`: val ppl {ppl(r):.2f} vs {ppl(base):.2f} "
+                             f"({(ppl(r) / ppl(base) - 1) * 100:+.1f} %), optimizer state {_mib(r['optimizer_state_bytes'])} vs "
+                             f"{_mib(base['optimizer_state_bytes'])} MiB ({r['optimizer_state_bytes'] / base['optimizer_state_bytes']:.2f}×).")
+    return ["The cost of 8-bit moments (same preset, same lr):", *sorted(lines)] if lines else []
+
+
 def ablation_table(combined: dict) -> list[str]:
     """The benchmark paper's ablation at the base contender's best setting."""
     ablation = combined.get("ablation") or {}
@@ -291,8 +337,9 @@ def plot(combined: dict, docs: Path) -> list[Path]:
 
 def render_block(combined: dict, plots: list[Path]) -> str:
     """The README block of a suite: settings, table, sweeps, ablation, targets, evidence, plots."""
-    sections = [[settings_line(combined)], [table(combined)], sweep_lines(combined), ablation_table(combined),
-                targets(combined), evidence(combined),
+    grid = grid_table(combined)
+    sections = [[settings_line(combined)], [table(combined)], grid or sweep_lines(combined), low_bit_pairs(combined),
+                ablation_table(combined), targets(combined), evidence(combined),
                 [f"![validation perplexity against tokens]({plots[0]})", f"![memory against perplexity]({plots[1]})"]]
     return "\n\n".join("\n".join(section) for section in sections if section)
 

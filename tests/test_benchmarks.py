@@ -201,3 +201,14 @@ def test_claims_are_decided_only_when_seed_ranges_separate():
         "low_rank_reset": {**_seeded("low_rank_reset", "ours", [121, 121]), "complete": True}}}}
     rows = report.ablation_table(combined)
     assert rows[-1] == "| `low_rank_reset` |  | ✓ | 200 | 121.00 | +9.0 % |"
+
+
+def test_gpu_quick_script_dry_run(corpus):
+    """benchmarks/gpu_quick.sh --dry-run trains (2 CPU steps), evaluates and reports the GPU suite's
+    contenders: the device command is ready before a device is lent."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA": corpus["data"], "CONTENDERS": "adamw,low_rank_restarts"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_quick.sh"), "--dry-run"], capture_output=True, text=True,
+                            timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dry run complete" in result.stdout
+    assert SUITES["gpu-60m-quick"].model == "llama_60m" and SUITES["gpu-60m-quick"].precision == "bf16-mixed"

@@ -53,3 +53,11 @@ def test_layout_section_lists_every_module_and_nothing_else():
     # kept only so that imports of earlier versions work: not part of the layout
     actual -= {"train.py", "checkpoint.py"}
     assert listed == actual, (sorted(actual - listed), sorted(listed - actual))
+
+
+def test_memory_tables_are_rendered_from_the_result_files():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory_table
+
+    block = re.search(r"<!-- memory-table -->\n(.*?)\n<!-- /memory-table -->", README, flags=re.S).group(1)
+    assert block == bench_memory_table.render_block(), "README memory tables are stale: run benchmarks/bench_memory_table.py --render"
