@@ -41,19 +41,23 @@ def assert_close_params(a, b, atol):
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
 
 
+def assert_matches_torch_adamw(shapes, steps, **options):
+    """ProjectedAdamW with ``options`` (lr 1e-2, weight decay 0.1) ends where torch's AdamW does."""
+    grads = make_grads(shapes, steps)
+    ours = make_params(shapes)
+    ref = clone_params(ours)
+    got = run(ProjectedAdamW(ours, lr=1e-2, weight_decay=0.1, **options), ours, grads)
+    want = run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1), ref, grads)
+    assert_close_params(got, want, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- plain AdamW
 
 
 @pytest.mark.parametrize("foreach", [True, False, None])
 def test_all_options_off_matches_torch_adamw(foreach):
     torch.manual_seed(0)
-    shapes = [(6, 9), (9,), (2, 3, 4)]
-    grads = make_grads(shapes, 20)
-    ours = make_params(shapes)
-    ref = clone_params(ours)
-    got = run(ProjectedAdamW(ours, lr=1e-2, weight_decay=0.1, foreach=foreach), ours, grads)
-    want = run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1), ref, grads)
-    assert_close_params(got, want, atol=1e-6)
+    assert_matches_torch_adamw([(6, 9), (9,), (2, 3, 4)], 20, foreach=foreach)
 
 
 def test_foreach_chunks_bound_temporaries_and_match_torch_adamw(monkeypatch):
@@ -67,27 +71,15 @@ def test_foreach_chunks_bound_temporaries_and_match_torch_adamw(monkeypatch):
     calls = []
     original = torch._foreach_sqrt
     monkeypatch.setattr(torch, "_foreach_sqrt", lambda tensors: calls.append(len(tensors)) or original(tensors))
-    grads = make_grads(shapes, 5)
-    ours = make_params(shapes)
-    ref = clone_params(ours)
-    got = run(ProjectedAdamW(ours, lr=1e-2, weight_decay=0.1, foreach=True), ours, grads)
-    want = run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1), ref, grads)
-    assert_close_params(got, want, atol=1e-6)
+    assert_matches_torch_adamw(shapes, 5, foreach=True)
     assert calls == [1, 2, 1] * 5
 
 
 def test_general_path_matches_torch_adamw():
     """The per-parameter path (any option on, or the CPU) is the same AdamW with every option inert."""
     torch.manual_seed(0)
-    shapes = [(6, 9)]
-    grads = make_grads(shapes, 20)
-    ours = make_params(shapes)
-    ref = clone_params(ours)
     # A threshold no gradient reaches routes the parameter through the general path.
-    opt = ProjectedAdamW(ours, lr=1e-2, weight_decay=0.1, spike_threshold=1e30)
-    got = run(opt, ours, grads)
-    want = run(torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1), ref, grads)
-    assert_close_params(got, want, atol=1e-6)
+    assert_matches_torch_adamw([(6, 9)], 20, spike_threshold=1e30)
 
 
 def test_lr_is_read_from_the_group_each_step():

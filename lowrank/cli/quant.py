@@ -98,6 +98,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seq-len", type=int, default=None, help=f"tokens per sequence (default: the run's, else {_DEFAULT_SEQ_LEN})")
     add("--batch-size", type=int, default=8, help="sequences per forward")
     add("--group-size", type=int, default=128, help="input channels per weight-quantization group (must divide every layer's)")
+    add("--flat-groups", action="store_true", help="groups of consecutive entries of the flattened weight (may span rows): "
+                                                   "for widths the group size does not divide")
     add("--cache-dir", default=None, help="cache for the tokenized corpus (default: none)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--json", default=None, metavar="FILE", help="also write the result as JSON here")
@@ -151,7 +153,8 @@ def run_quant_eval(args: argparse.Namespace) -> dict:
     model, _, info = load_model_for_quant(args.model, tokenizer=args.tokenizer, device=args.device)
     seq_len = _seq_len(args, model, info)
     data = _load_data(args, info["tokenizer"], seq_len, args.eval_tokens)
-    result = evaluate_quantization(model, data.valid, batch_size=args.batch_size, group_size=args.group_size)
+    result = evaluate_quantization(model, data.valid, batch_size=args.batch_size, group_size=args.group_size,
+                                   flat=args.flat_groups)
     result = {"model": info, "data": args.data, **result}
     print(format_quant_eval(result))
     _write_json(args.json, result)
@@ -203,7 +206,7 @@ def run_quantize(args: argparse.Namespace) -> dict:
     count = math.ceil(args.calib_tokens / (args.batch_size * seq_len))
     calibration = torch.cat([next(data.train) for _ in range(count)])
     quantized, report = quantize(
-        model, calibration, bits=args.bits, group_size=args.group_size, rank=args.rank, method=args.method,
+        model, calibration, bits=args.bits, group_size=args.group_size, flat=args.flat_groups, rank=args.rank, method=args.method,
         steps=args.steps, lr=args.lr, reg_lambda=args.saliency_lambda, saliency=args.saliency,
         symmetric=args.symmetric, batch_size=args.batch_size, seed=args.seed,
     )

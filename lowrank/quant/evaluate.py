@@ -64,11 +64,14 @@ __all__ = [
 ]
 
 
-def default_schemes(group_size: int = 128) -> dict[str, FakeQuantConfig | None]:
-    """``{"fp": None, "w4", "w3", "w2", "w4a4", "w8a8"}`` as in the module docstring."""
+def default_schemes(group_size: int = 128, *, flat: bool = False) -> dict[str, FakeQuantConfig | None]:
+    """``{"fp": None, "w4", "w3", "w2", "w4a4", "w8a8"}`` as in the module docstring. ``flat``:
+    weight groups of ``group_size`` consecutive entries of the flattened matrix (they may span
+    rows), for layers whose input width the group size does not divide (GaLore's LLaMA shapes:
+    an MLP of 688, 1376 or 5461)."""
 
     def weights(bits: int) -> QuantFormat:
-        return QuantFormat("int", bits, group_size, symmetric=True)
+        return QuantFormat("int", bits, group_size, symmetric=True, flat=flat)
 
     def per_token(bits: int) -> QuantFormat:
         return QuantFormat("int", bits, -1, symmetric=True)
@@ -185,6 +188,7 @@ def evaluate_quantization(
     *,
     batch_size: int = 8,
     group_size: int = 128,
+    flat: bool = False,
     schemes: dict[str, FakeQuantConfig | None] | None = None,
 ) -> dict:
     """Hidden-state statistics and perplexity under each quantization scheme (module docstring).
@@ -210,7 +214,7 @@ def evaluate_quantization(
     was_training = model.training
     model.eval()
     batches = as_batches(valid, batch_size, _device(model))
-    schemes = default_schemes(group_size) if schemes is None else schemes
+    schemes = default_schemes(group_size, flat=flat) if schemes is None else schemes
     try:
         stats = hidden_state_statistics(model, batches)
         rows = {}

@@ -377,6 +377,7 @@ def quantize(
     *,
     bits: int,
     group_size: int = 128,
+    flat: bool = False,
     rank: int = 64,
     method: str = "apiq+saliency",
     steps: int = DEFAULT_STEPS,
@@ -400,6 +401,8 @@ def quantize(
             or a list of ``(B, T)`` batches.
         bits: 2, 3, 4 or 8.
         group_size: input channels per quantization group; must divide every target's input dimension.
+        flat: groups of ``group_size`` consecutive entries of the flattened weight instead (they
+            may span rows; the group size must divide each weight's number of entries).
         rank: rank of the factors (ApiQ uses 64 on 7B models).
         method: ``"apiq+saliency"``, ``"apiq"`` or ``"rtn"``.
         steps, lr: the retraining of each block (ApiQ methods; ``steps=0`` keeps the closed-form
@@ -422,7 +425,7 @@ def quantize(
     """
     _check_options(bits, method, rank, steps, lr, reg_lambda, saliency, damp)
     try:
-        fmt = QuantFormat("int", bits, group_size, symmetric=symmetric)
+        fmt = QuantFormat("int", bits, group_size, symmetric=symmetric, flat=flat)
     except ValueError as error:
         raise UsageError(f"--group-size: {error}") from None
     start = time.perf_counter()
