@@ -88,6 +88,24 @@ class Trainer:
         self.folder = RunFolder(cfg.run_dir())
         # The policy is applied (and --resume read) before anything is written.
         self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size)
+        self._resolve_method()
+        self.data = self._build_data()
+        if self.resume is not None:
+            self._check_resumable()
+        self.phases = plan_phases(self.method.warm_start_steps, self.total_steps)
+        training = self.method.training
+        self.health = StepHealth(training.nonfinite_grads, training.max_skipped_steps, training.dead_steps)
+        self.step = self.resume.step if self.resume else 0
+        self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._enter(self.phase_at(self.step), carry_state=False)
+        if self.resume is not None:
+            self._restore()
+
+    def _resolve_method(self) -> None:
+        """The method (parsed once, overrides applied), the strategy, the model config and the run's
+        length, with every check that needs them, before any data work."""
+        cfg = self.cfg
         self.method = load_method(cfg.method).with_overrides(cfg.overrides, rank=cfg.rank, lr=cfg.lr,
                                                              cycle_length=cfg.cycle_length)
         check_comm(cfg.comm, cfg.strategy, self.method)
@@ -103,28 +121,21 @@ class Trainer:
         self.total_steps = total_steps(cfg, self.tokens_per_step)
         self.method.warmup_steps(self.total_steps)  # a warm-up longer than the run fails here, before any work
         self._check_method_fits()
-        self.data = build_data(
+
+    def _build_data(self):
+        """Tokenizer, loaders and validation chunks; the model config takes the tokenizer's ids."""
+        cfg = self.cfg
+        data = build_data(
             cfg.data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
             vocab_size=cfg.vocab_size or self.model_config.vocab_size, cache_dir=cfg.cache_dir or self.folder.path,
             rank=self.dist.rank, world_size=self.dist.world_size, max_valid_tokens=cfg.eval_tokens, text_field=cfg.text_field,
         )
-        tokenizer = self.data.tokenizer
+        tokenizer = data.tokenizer
         eos = tokenizer.eos_token_id
         for key, value in {"vocab_size": len(tokenizer), "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
                            "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos}.items():
             setattr(self.model_config, key, value)
-        if self.resume is not None:
-            self._check_resumable()
-        self.phases = plan_phases(self.method.warm_start_steps, self.total_steps)
-        training = self.method.training
-        self.health = StepHealth(training.nonfinite_grads, training.max_skipped_steps, training.dead_steps)
-        self.step = self.resume.step if self.resume else 0
-        self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
-        self.optimizer: torch.optim.Optimizer | None = None
-        current = self.phase_at(self.step)
-        self._enter(current, carry_state=False)
-        if self.resume is not None:
-            self._restore()
+        return data
 
     def _check_method_fits(self) -> None:
         """The method on this model, built on the ``meta`` device (nothing allocated): a rank that
