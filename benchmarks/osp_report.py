@@ -3,7 +3,7 @@ plot ``docs/osp_ppl_vs_bits.png`` and a short plain-text table.
 
     python benchmarks/osp_report.py [--json benchmarks/results/osp.json] [--readme README.md] [--plot PNG]
 
-With ``--readme``, the block between ``<!-- bench:osp -->`` and ``<!-- /bench:osp -->`` is
+With ``--readme``, the block between ``<!-- osp -->`` and ``<!-- /osp -->`` is
 replaced (nothing is written when the README has no such markers). Every number and every
 verdict of the block is computed from the JSON.
 
@@ -305,9 +305,9 @@ def plot(osp: dict, path: str | Path) -> Path:
 
 
 def update_readme(readme: Path, block: str) -> bool:
-    """Replace the ``<!-- bench:osp -->`` block; False when the README has no markers."""
+    """Replace the ``<!-- osp -->`` block; False when the README has no markers."""
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- bench:osp -->\n).*?(<!-- /bench:osp -->)", re.S)
+    pattern = re.compile(r"(<!-- osp -->\n).*?(<!-- /osp -->)", re.S)
     if not pattern.search(text):
         return False
     readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
@@ -317,7 +317,7 @@ def update_readme(readme: Path, block: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=str(RESULTS / "osp.json"))
-    parser.add_argument("--readme", default=None, help="README whose <!-- bench:osp --> block to replace")
+    parser.add_argument("--readme", default=None, help="README whose <!-- osp --> block to replace")
     parser.add_argument("--plot", default=None, help="also (re)draw the plot here")
     args = parser.parse_args()
     osp = json.loads(Path(args.json).read_text())
