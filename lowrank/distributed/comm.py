@@ -325,9 +325,11 @@ class _ProjectedHook:
     def basis(self, p: torch.Tensor) -> torch.Tensor | None:
         """``P`` the optimizer will use at its next step, or ``None`` when that step refreshes it
         (first step, or ``total_step`` a multiple of ``update_proj_gap``, as ProjectedAdamW decides)."""
+        from ..optim.adamw import projector_refresh_due
+
         options = self.projected.get(id(p))
         state = self.optimizer.state.get(p) if options is not None else None
-        if not state or "projector" not in state or state["total_step"] % options["update_proj_gap"] == 0:
+        if not state or projector_refresh_due(p, options, state):
             return None
         return state["projector"]
 

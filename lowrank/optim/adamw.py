@@ -670,12 +670,10 @@ class ProjectedAdamW(Optimizer):
 
     @staticmethod
     def _projector_due(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
-        if p.dim() != 2 or group["projection"] is None:
-            return False
-        if "projector" not in state:
+        due = projector_refresh_due(p, group, state)
+        if due and "projector" not in state:
             state["projector_updates"] = 0
-            return True
-        return state["total_step"] % group["update_proj_gap"] == 0
+        return due
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], pending: list | None = None) -> None:
         """One parameter with any combination of options (see the class docstring for the order).
@@ -936,6 +934,15 @@ class _Shard:
 
 
 # ---------------------------------------------------------------------- validation
+
+
+def projector_refresh_due(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether the next step of ``p`` recomputes its projection basis: its first step, and every
+    ``update_proj_gap`` steps of the parameter's own clock (``total_step``). No side effect: the
+    projected DDP communication hook asks it before the optimizer steps."""
+    if p.dim() != 2 or group["projection"] is None:
+        return False
+    return "projector" not in state or state["total_step"] % group["update_proj_gap"] == 0
 
 
 def check_state_dict(optimizer: Optimizer, state_dict: Any) -> None:
