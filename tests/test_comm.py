@@ -120,6 +120,19 @@ def test_pytorch_hooks_bytes_per_step(runs, kind, expected):
         assert expected[-1] == 1504 and result["detail"][-1] == {"full": 4 * 72, "low_rank": 4 * 304}
 
 
+def test_powersgd_with_several_buckets(runs):
+    """Several DDP buckets on gloo: the same bytes as one bucket, ranks identical, the loss falls. (PyTorch's
+    ``powerSGD_hook`` alone interleaves the buckets' collectives differently on the two ranks
+    here and gloo aborts: "Received data size doesn't match expected size".)"""
+    _, (rank0, rank1) = runs
+    result = rank0["powersgd_buckets"]
+    assert result["buckets"] > 1
+    assert result["log"] == rank0["powersgd"]["log"]
+    assert all(torch.equal(a, b) for a, b in zip(result["params"], rank1["powersgd_buckets"]["params"]))
+    # (not the one-bucket run's weights: PowerSGD's random Q is drawn per tensor in bucket order)
+    assert all(math.isfinite(x) for x in result["losses"]) and result["losses"][-1] < result["losses"][0]
+
+
 # ---------------------------------------------------------------------- 1-bit Adam, 2 ranks
 
 
@@ -329,3 +342,20 @@ def test_onebit_hook_needs_onebit_adam_and_kinds_are_checked():
     typo = [{"params": model.parameters(), "frezee_step": 3}]
     assert "unknown option 'frezee_step'" in one_line_error(lambda: OneBitAdam(typo, lr=1e-3, freeze_step=3))
     assert "PowerSGD options" in one_line_error(lambda: register_comm_hook(model, "bf16", matrix_approximation_rank=2))
+
+
+# ---------------------------------------------------------------------- what --comm onebit serves
+
+
+@pytest.mark.parametrize("method, why", [("galore", "which projection change"), ("lowrank_sparse", "density"),
+                                         ("stable_spam", "which adaptive_clip, norm_scaling change"),
+                                         ("full_rank", "this method uses adamw")])
+def test_onebit_refuses_methods_it_cannot_serve(method, why):
+    from lowrank.distributed.strategy import check_comm
+    from lowrank.errors import UsageError
+    from lowrank.methods import load_method
+
+    with pytest.raises(UsageError, match=f"cannot serve method {method}: .*{why}.*; pick low_rank, ") as error:
+        check_comm("onebit", "ddp", load_method(method))
+    assert "stable_spam" not in str(error.value).split("pick")[1] and "full_rank" not in str(error.value).split("pick")[1]
+    check_comm("onebit", "ddp", load_method("low_rank_restarts"))  # plain Adam on factors: served

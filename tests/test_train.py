@@ -135,11 +135,13 @@ def test_grad_accumulation_matches_larger_batch(corpus, tmp_path):
 
 
 def test_ddp_two_processes_stay_identical(corpus, tmp_path):
-    """torchrun with 2 gloo processes: refactorization + sparse-momentum redraws keep ranks bit-identical."""
+    """torchrun with 2 gloo processes: refactorization + sparse-momentum redraws keep ranks
+    bit-identical; and no DDP wrapper outlives the process group (tests/dist/teardown_check.py)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowrank", "pretrain",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "tests" / "dist" / "teardown_check.py"), "pretrain",
         "--method", "lowrank_sparse", "--model", "tiny", "--data", corpus["data"], "--tokenizer", corpus["tokenizer"],
         "--rank", "8", "--batch-size", "2", "--seq-len", "32", "--max-steps", "7", "--eval-every", "0", "--eval-tokens", "2048",
         "--set", "restarts.cycle_length=3", "--set", "restarts.rewarmup_steps=1", "--out", str(out),

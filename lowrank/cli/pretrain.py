@@ -52,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--comm", default=defaults.comm, choices=COMMS,
         help="DDP gradient communication: PyTorch's bf16/fp16/powersgd hooks, projected (GaLore's R instead of G), "
              "or onebit (1-bit Adam); bytes sent are logged per step")
-    add("--freeze-step", type=int, default=None, help="--comm onebit: full-precision Adam steps before the variance is frozen "
-                                                      "(default: the schedule's warm-up)")
+    add("--freeze-step", type=int, default=None,
+        help="--comm onebit / powersgd: full-precision steps before compression starts (1-bit Adam's variance freeze, "
+             "PowerSGD's start_powerSGD_iter; default: the schedule's warm-up)")
     add("--dist-timeout", type=float, default=defaults.dist_timeout,
         help="seconds a rank waits for the others before the run ends with a message naming the rank that stopped")
     add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")

@@ -22,7 +22,9 @@
                ``matrix_approximation_rank=4`` (PyTorch's default is 1; the paper and PyTorch's
                tuning notes find 1–4 enough for most models, 4 is the safe end) and
                ``start_powerSGD_iter=1000`` (PyTorch's default; its notes ask for at least the LR
-               warm-up and about 10% of the steps: pass ``start_powerSGD_iter=`` to change it).
+               warm-up: ``lowrank pretrain`` passes ``--freeze-step``, by default the run's LR
+               warm-up, at least 2). On gloo each bucket's hook finishes before the next starts
+               (:func:`_one_bucket_at_a_time`).
 ``projected``  ours, below: GaLore-style projected gradients between projector refreshes.
 ``onebit``     the gradient hook of 1-bit Adam (:mod:`lowrank.distributed.onebit`): full
                all-reduce during the optimizer's warm-up, nothing after it (the optimizer
@@ -251,6 +253,25 @@ def _counted(hook: Callable, state: Any, stats: CommStats, count: Callable[[dist
     return counted_hook
 
 
+def _one_bucket_at_a_time(hook: Callable) -> Callable:
+    """``hook``, finished before the next bucket's starts.
+
+    ``powerSGD_hook`` issues a bucket's second and third all-reduces (``P``, then ``Q``) from
+    future callbacks. On gloo those run on its worker threads as earlier collectives complete, so
+    with several buckets the ranks can issue them in different orders; gloo pairs collectives by
+    issue order, and the run hangs or aborts ("Received data size doesn't match expected size").
+    Waiting for each bucket keeps one order on every rank, at the cost of overlapping one bucket's
+    compression with the next bucket's backward. (NCCL orders them on one stream.)
+    """
+
+    def ordered_hook(hook_state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(hook(hook_state, bucket).wait())
+        return done
+
+    return ordered_hook
+
+
 def _bucket_bytes(itemsize: int | None = None) -> Callable[[dist.GradBucket], dict[str, int]]:
     def count(bucket: dist.GradBucket) -> dict[str, int]:
         buffer = bucket.buffer()
@@ -413,6 +434,8 @@ def register_comm_hook(
             # Resume the vanilla phase where it was, keeping two vanilla steps that DDP's bucket rebuild needs.
             state.iter = max(0, min(start_step, state.start_powerSGD_iter - 2))
             hook = _counted(powersgd.powerSGD_hook, state, stats, _powersgd_bytes(state))
+            if dist.get_backend(process_group) == "gloo":
+                hook = _one_bucket_at_a_time(hook)
         else:
             base = {"none": default_hooks.allreduce_hook, "bf16": default_hooks.bf16_compress_hook,
                     "fp16": default_hooks.fp16_compress_hook}[kind]

@@ -86,7 +86,10 @@ def init_distributed(device_choice: str, timeout: float = 600.0, *, always_group
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """``model`` inside PyTorch's DDP when there are several ranks, else ``model`` itself."""
+    """``model`` inside PyTorch's DDP when there are several ranks, else ``model`` itself.
+
+    Drop the wrapper before ``destroy_process_group`` (its reducer holds the group; see
+    :meth:`lowrank.run.loop.Trainer.release_wrapper`)."""
     if not info.enabled:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -48,15 +48,28 @@ def check_comm(comm: str, strategy: str, method) -> None:
             raise UsageError(f"--comm projected sends GaLore-style projected gradients, but method {method.name} has no "
                              "svd/randomized projection (optimizer.matrix.projection); pick galore or fira, or another --comm")
     if comm == "onebit":
-        if method.optimizer.name != "projected_adamw":
-            raise UsageError(f"--comm onebit replaces the optimizer with 1-bit Adam; method {method.name} uses "
-                             f"{method.optimizer.name}: pick a ProjectedAdamW method")
-        refused = [k for k in ("projection", "density", "spike_threshold", "adaptive_clip", "norm_scaling", "state_bits")
-                   for group in (matrix, method.optimizer.other) if group.get(k) not in (None, 0, 0.0, 1.0, False)]
-        if refused:
-            raise UsageError(f"--comm onebit cannot serve method {method.name}: 1-bit Adam compresses the momentum of plain "
-                             f"Adam, which {', '.join(sorted(set(refused)))} change; pick low_rank, low_rank_restarts, "
-                             "relora, sltrain or full_rank")
+        why = onebit_refusal(method)
+        if why:
+            from ..methods import available_methods, load_method
+
+            servable = [name for name in available_methods() if not onebit_refusal(load_method(name))]
+            raise UsageError(f"--comm onebit cannot serve method {method.name}: {why}; pick {', '.join(servable)}")
+
+
+def onebit_refusal(method) -> str | None:
+    """Why 1-bit Adam cannot stand in for ``method``'s optimizer (``None``: it can)."""
+    if method.optimizer.name != "projected_adamw":
+        return f"1-bit Adam replaces the optimizer, and this method uses {method.optimizer.name}"
+    from ..optim.adamw import OPTION_DEFAULTS
+
+    # what makes ProjectedAdamW's step differ from plain Adam's, each compared with its off value
+    # (``is not``-style: ``True == 1.0`` in Python, so a set of "off" values would let flags through)
+    keys = ("projection", "density", "spike_threshold", "adaptive_clip", "norm_scaling", "state_bits")
+    changed = sorted({k for k in keys for group in (method.optimizer.matrix, method.optimizer.other)
+                      if k in group and group[k] != OPTION_DEFAULTS[k]})
+    if changed:
+        return f"1-bit Adam compresses the momentum of plain Adam, which {', '.join(changed)} change"
+    return None
 
 
 class Strategy:
@@ -75,13 +88,15 @@ class Strategy:
         """The module the forward pass goes through (DDP wrapper or the model itself)."""
         return wrap_ddp(model, self.info, self.device)
 
-    def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int) -> None:
-        """After the optimizer exists: the communication hook (DDP with ``--comm``)."""
+    def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int, *, compress_from: int = 1) -> None:
+        """After the optimizer exists: the communication hook (DDP with ``--comm``). ``compress_from``:
+        PowerSGD's ``start_powerSGD_iter`` (at least 2: DDP rebuilds its buckets after step 1)."""
         if self.comm != "none" and self.info.enabled:
             from .comm import register_comm_hook
 
+            options = {"start_powerSGD_iter": max(2, compress_from)} if self.comm == "powersgd" else {}
             try:
-                self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step)
+                self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step, **options)
             except ValueError as error:
                 raise UsageError(f"--comm {self.comm}: {error}") from None
 
@@ -122,6 +137,14 @@ class Strategy:
 
     def comm_record(self) -> dict[str, Any]:
         return self.comm_stats.record() if self.comm_stats is not None else {}
+
+    def comm_state(self) -> dict[str, int]:
+        """The byte counter's part of a checkpoint (``comm_bytes_total`` continues on resume)."""
+        return self.comm_stats.state_dict() if self.comm_stats is not None else {}
+
+    def load_comm_state(self, state: dict[str, int] | None) -> None:
+        if self.comm_stats is not None and state:
+            self.comm_stats.load_state_dict(state)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -164,7 +187,7 @@ class FSDP2Strategy(Strategy):
             shard_model(model, mixed_precision=self.device.type == "cuda" and self.precision == "bf16-mixed")
         return model
 
-    def attach(self, module, optimizer, start_step) -> None:
+    def attach(self, module, optimizer, start_step, *, compress_from: int = 1) -> None:
         pass
 
     def sync_context(self, module: nn.Module, last_micro_batch: bool):

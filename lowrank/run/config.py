@@ -100,8 +100,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {cfg.dist_timeout!r}")
     if cfg.freeze_step is not None and (not _is_int(cfg.freeze_step) or cfg.freeze_step <= 0):
         raise UsageError(f"--freeze-step must be a positive whole number of steps, got {cfg.freeze_step!r}")
-    if cfg.freeze_step is not None and cfg.comm != "onebit":
-        raise UsageError("--freeze-step is 1-bit Adam's warm-up: it needs --comm onebit")
+    if cfg.freeze_step is not None and cfg.comm not in ("onebit", "powersgd"):
+        raise UsageError("--freeze-step is the full-precision warm-up of a compressing --comm: it needs --comm onebit "
+                         "or --comm powersgd")
     if not isinstance(cfg.overrides, dict):
         raise UsageError(f"overrides must be a dict of dotted keys, got {type(cfg.overrides).__name__}")
     check_output_paths(cfg)

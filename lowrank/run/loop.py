@@ -119,7 +119,9 @@ class Trainer:
             raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({limit})")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.dist.world_size
         self.total_steps = total_steps(cfg, self.tokens_per_step)
-        self.method.warmup_steps(self.total_steps)  # a warm-up longer than the run fails here, before any work
+        warmup = self.method.warmup_steps(self.total_steps)  # a warm-up longer than the run fails here, before any work
+        # --comm onebit / powersgd send full gradients until this step (default: the LR warm-up)
+        self.compress_from = cfg.freeze_step or max(1, warmup)
         self._check_method_fits()
 
     def _build_data(self):
@@ -168,9 +170,21 @@ class Trainer:
                     self.optimizer.state[p] = previous[p]
         self.controller = build_controller(self.model, self.optimizer, self.method, total_steps=self.total_steps,
                                            start_step=self.step, layer_events=not phase.dense)
-        self.strategy.attach(self.module, self.optimizer, self.step)
+        self.strategy.attach(self.module, self.optimizer, self.step, compress_from=self.compress_from)
         if self.cfg.compile:
             self.module = torch.compile(self.module)
+
+    def release_wrapper(self) -> None:
+        """Drop the DDP wrapper while the process group still exists.
+
+        DDP's C++ reducer holds a reference to the process group and is freed without releasing
+        the GIL. Freed after ``destroy_process_group`` (when ``pretrain`` returns), it holds the
+        group's last reference: gloo's destructor then joins its worker threads while one of them
+        waits for the GIL to free a finished all-gather's tensors — a deadlock at the end of an
+        otherwise finished run (seen on rank 1 of a 2-rank CPU run, about 1 run in 20).
+        """
+        self.module = None
+        gc.collect()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """The preset's optimizer (or the caller's factory; or 1-bit Adam over the preset's groups
@@ -181,10 +195,9 @@ class Trainer:
             from ..distributed.onebit import OneBitAdam
 
             settings = self.method.optimizer
-            freeze = self.cfg.freeze_step or max(1, self.method.warmup_steps(self.total_steps))
             try:
                 return OneBitAdam(param_groups(self.model, self.method), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                  weight_decay=settings.weight_decay, freeze_step=freeze)
+                                  weight_decay=settings.weight_decay, freeze_step=self.compress_from)
             except ValueError as error:
                 raise UsageError(f"--comm onebit: {error}") from None
         return build_optimizer(self.model, self.method, seed=self.cfg.seed)
@@ -215,6 +228,7 @@ class Trainer:
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
         self.controller.load_state_dict(state["controller"])
+        self.strategy.load_comm_state(state.get("comm"))
         data_states = state["data"]
         # A packed corpus is read in the same global order at any world size (the loader maps the
         # position); a stream's position is per rank and needs the same number of ranks.
@@ -304,7 +318,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"step": self.step, "world_size": self.dist.world_size, "controller": self.controller.state_dict(),
-                 "data": data_states, "rng": rng}
+                 "data": data_states, "rng": rng, "comm": self.strategy.comm_state()}
         config = {k: v for k, v in asdict(self.cfg).items() if k != "optimizer_factory"}
         meta = CheckpointMeta(config=config, method=self.method.to_dict(), model_config=self.model_config.to_dict(),
                               wrapped=is_wrapped(self.model), step=self.step)
@@ -419,6 +433,7 @@ class Trainer:
 def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining run and return its summary."""
     ok = False
+    trainer = None
     try:
         trainer = Trainer(cfg)
         try:
@@ -430,6 +445,8 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
         ok = True
         return summary
     finally:
+        if trainer is not None:
+            trainer.release_wrapper()
         if dist.is_initialized():
             if ok:  # after a failure the other ranks may be gone: a barrier would only wait for them
                 dist.barrier()

@@ -134,6 +134,8 @@ def worker(rank: int, out: str) -> None:
         "bf16": train(rank, "bf16", adamw, 3, wire=wire),
         "fp16": train(rank, "fp16", adamw, 3, wire=wire),
         "powersgd": train(rank, "powersgd", adamw, 5, wire=wire, matrix_approximation_rank=2, start_powerSGD_iter=2),
+        "powersgd_buckets": train(rank, "powersgd", adamw, 5, wire=wire, bucket_cap_mb=0.001, matrix_approximation_rank=2,
+                                  start_powerSGD_iter=2),
         "onebit": train(rank, "onebit", onebit, ONEBIT_STEPS, wire=wire),
     }
     saved = f"{out}/onebit_rank{rank}.pt"
