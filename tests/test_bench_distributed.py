@@ -89,7 +89,7 @@ def test_fsdp2_traffic_by_hand_on_tiny():
 def synthetic(formula) -> dict:
     settings = {"model": "tiny", "vocab_size": 4096, "method": "low_rank", "projected_method": "galore", "rank": 16,
                 "steps": 6, "batch_size": 2, "seq_len": 64, "warmup": 2, "nproc": 2, "backend": "gloo", "threads": 1,
-                "torch_threads_per_rank": 1, "powersgd_start": 1000,
+                "torch_threads_per_rank": 1, "powersgd_start": 3,
                 "formula": {"world_size": WORLD, "dense_method": "full_rank", "projected_method": "galore", "rank": RANK,
                             "powersgd": bench_distributed.powersgd_settings()}}
     estimate = {"total": 3 * 2**20, "model_state": 2**20}
