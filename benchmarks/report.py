@@ -144,17 +144,27 @@ def grid_table(combined: dict) -> list[str]:
 
 
 def low_bit_pairs(combined: dict) -> list[str]:
-    """The cost of 8-bit moments: each ``X-8bit`` / ``X_8bit`` contender against ``X``."""
+    """The cost of 8-bit moments: each ``X-8bit`` / ``X_8bit`` contender against ``X`` at the same
+    lr (``X``'s sweep run at the 8-bit run's lr), and ``X``'s best when that lies elsewhere."""
     results = completed(combined)
     lines = []
     for name, r in results.items():
         for suffix in ("-8bit", "_8bit"):
-            if name.endswith(suffix) and name[: -len(suffix)] in results:
-                base = results[name[: -len(suffix)]]
-                lines.append(f"- `{name}` vs `{base['contender']}`: val ppl {ppl(r):.2f} vs {ppl(base):.2f} "
-                             f"({(ppl(r) / ppl(base) - 1) * 100:+.1f} %), optimizer state {_mib(r['optimizer_state_bytes'])} vs "
-                             f"{_mib(base['optimizer_state_bytes'])} MiB ({r['optimizer_state_bytes'] / base['optimizer_state_bytes']:.2f}×).")
-    return ["The cost of 8-bit moments (same preset, same lr):", *sorted(lines)] if lines else []
+            if not (name.endswith(suffix) and name[: -len(suffix)] in results):
+                continue
+            base = results[name[: -len(suffix)]]
+            same = next((t for t in base.get("sweep", []) if round(t["lr"], 12) == round(r["lr"], 12)
+                         and t.get("val_ppl") is not None), None)
+            reference = same["val_ppl"] if same else ppl(base)
+            line = (f"- `{name}` vs `{base['contender']}` at lr {r['lr']:g}: val ppl {ppl(r):.2f} vs {reference:.2f} "
+                    f"({(ppl(r) / reference - 1) * 100:+.1f} %), optimizer state {_mib(r['optimizer_state_bytes'])} vs "
+                    f"{_mib(base['optimizer_state_bytes'])} MiB ({r['optimizer_state_bytes'] / base['optimizer_state_bytes']:.2f}×)")
+            if same is None:
+                line += f" (`{base['contender']}` was not run at this lr: its best, at {base['lr']:g}, is compared)"
+            elif round(base["lr"], 12) != round(r["lr"], 12):
+                line += f"; `{base['contender']}` at its best lr, {base['lr']:g}: {ppl(base):.2f}"
+            lines.append(line + ".")
+    return ["The cost of 8-bit moments (same preset):", *sorted(lines)] if lines else []
 
 
 def ablation_table(combined: dict) -> list[str]:

@@ -146,7 +146,7 @@ CONTENDERS = {
                                  source="AdamW's, 8-bit moments"),
     "low_rank-8bit": Contender("low_rank", lr=1.5e-3, overrides=(("optimizer.matrix.state_bits", 8), ("optimizer.other.state_bits", 8)),
                                source="benchmark paper script, 8-bit moments"),
-    "lowrank_sparse_8bit": Contender("lowrank_sparse_8bit", lr=1.5e-3, source="ours, 8-bit moments"),
+    "lowrank_sparse_8bit": Contender("lowrank_sparse_8bit", lr=1.5e-3, sweep=True, source="ours, 8-bit moments"),
     # Outlier-Safe Pre-Training and Muon.
     "muon": Contender("muon", lr=1e-3, source="Moonlight: AdamW's lr with the matched-RMS scaling"),
     "osp": Contender("osp", lr=1e-3, source="OSP paper (Muon as above)"),

@@ -113,6 +113,25 @@ def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
     assert "0.90× (**not met**" in speed
     assert report.targets({"results": {"adamw": results["adamw"]}, "settings": {"model": "x"}}) == []
 
+def test_eight_bit_cost_is_taken_at_the_same_lr():
+    """An 8-bit contender is compared with its base's run at the same lr, not with the base's best."""
+    def record(name, lr, val_ppl, state, sweep):
+        return {"contender": name, "lr": lr, "val_ppl": val_ppl, "optimizer_state_bytes": state,
+                "sweep": [{"lr": a, "val_ppl": b} for a, b in sweep]}
+
+    results = {
+        "lowrank_sparse": record("lowrank_sparse", 6e-3, 53.26, 4 * 2**20, [(1.5e-3, 64.92), (6e-3, 53.26)]),
+        "lowrank_sparse_8bit": record("lowrank_sparse_8bit", 1.5e-3, 65.01, 2**20, [(1.5e-3, 65.01)]),
+        "low_rank": record("low_rank", 1.5e-3, 65.30, 4 * 2**20, [(1.5e-3, 65.30)]),
+        "low_rank-8bit": record("low_rank-8bit", 3e-3, 66.0, 2**20, [(3e-3, 66.0)]),
+    }
+    head, low_rank, sparse = report.low_bit_pairs({"results": results})
+    assert head == "The cost of 8-bit moments (same preset):"
+    assert "val ppl 65.01 vs 64.92 (+0.1 %)" in sparse and "at its best lr, 0.006: 53.26" in sparse
+    assert "(0.25×)" in sparse
+    assert "66.00 vs 65.30" in low_rank and "was not run at this lr: its best, at 0.0015, is compared" in low_rank
+
+
 def run_suite(corpus, tmp_path, *extra):
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--suite", "smoke", "--data", corpus["data"],
