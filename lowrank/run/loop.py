@@ -181,7 +181,7 @@ class Trainer:
         the GIL. Freed after ``destroy_process_group`` (when ``pretrain`` returns), it holds the
         group's last reference: gloo's destructor then joins its worker threads while one of them
         waits for the GIL to free a finished all-gather's tensors — a deadlock at the end of an
-        otherwise finished run (seen on rank 1 of a 2-rank CPU run, about 1 run in 20).
+        otherwise finished run (seen on rank 1 of 2-rank CPU runs, now and then).
         """
         self.module = None
         gc.collect()
