@@ -70,7 +70,6 @@ import argparse
 import inspect
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -83,7 +82,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, write_result  # noqa: E402
+from common import RESULTS, comma_names, machine_info, replace_readme_block, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "distributed"
@@ -517,20 +516,10 @@ def render_block(data: dict) -> str:
 
 def update_readme(readme: Path, block: str) -> bool:
     """Replace the ``<!-- distributed -->`` block; False when the README has no markers."""
-    text = readme.read_text()
-    start, end = MARKERS
-    pattern = re.compile(rf"({re.escape(start)}\n).*?({re.escape(end)})", re.S)
-    if not pattern.search(text):
-        return False
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
-    return True
+    return replace_readme_block(readme, *MARKERS, block)
 
 
 # ---------------------------------------------------------------------- main
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -553,8 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tokenizer", default=None, help="a trained tokenizer to reuse (default: train one, cached in <work>/cache)")
     add("--eval-tokens", type=int, default=8192, help="validation tokens at the end of each run")
     add("--seed", type=int, default=0)
-    add("--rows", type=_names, default=[r.label for r in ROWS], help=f"rows to run ({', '.join(r.label for r in ROWS)})")
-    add("--formula-models", type=_names, default=["llama_1b", "llama_7b"])
+    add("--rows", type=comma_names, default=[r.label for r in ROWS], help=f"rows to run ({', '.join(r.label for r in ROWS)})")
+    add("--formula-models", type=comma_names, default=["llama_1b", "llama_7b"])
     add("--formula-world", type=int, default=8, help="ranks of the formula table (1-bit Adam's padding and scales)")
     add("--formula-rank", type=int, default=None, help="projected rank of the formula table (default: the preset's)")
     add("--work", type=Path, default=ROOT / "runs" / "bench" / NAME, help="run folders, logs and the data cache")

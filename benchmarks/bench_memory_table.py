@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from common import replace_readme_block  # noqa: E402 (benchmarks/ is on the path when run or tested)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,12 +72,8 @@ def render_block(results: Path = RESULTS) -> str:
 
 
 def update_readme(readme: Path, block: str) -> None:
-    text = readme.read_text()
-    start, end = MARKERS
-    pattern = re.compile(rf"({re.escape(start)}\n).*?({re.escape(end)})", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {start} ... {end} block")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
+    if not replace_readme_block(readme, *MARKERS, block):
+        raise SystemExit(f"{readme} has no {MARKERS[0]} ... {MARKERS[1]} block")
 
 
 def main() -> None:

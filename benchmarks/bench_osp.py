@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, write_result  # noqa: E402
+from common import RESULTS, comma_names, machine_info, write_result  # noqa: E402
 from osp_report import PTQ_METHODS, plot, text_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,10 +282,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -295,8 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--work", type=Path, default=Path("/work/bench-work"), help="compare.py --work: run folders <work>/<suite>/<label>")
     add("--plot", type=Path, default=DEFAULT_PLOT, help="the PNG to write")
     add("--bits", type=_ints, default=[2, 3], help="PTQ bit widths (comma-separated)")
-    add("--methods", type=_names, default=list(PTQ_METHODS), help="PTQ methods (comma-separated)")
-    add("--ptq-contenders", type=_names, default=["adamw", "osp"], help="contenders to PTQ (the best run of each)")
+    add("--methods", type=comma_names, default=list(PTQ_METHODS), help="PTQ methods (comma-separated)")
+    add("--ptq-contenders", type=comma_names, default=["adamw", "osp"], help="contenders to PTQ (the best run of each)")
     add("--calib-tokens", type=int, default=16_384, help="calibration tokens from the training split")
     add("--eval-tokens", type=int, default=None,
         help="validation tokens, at most the suite's eval_tokens (default: all of them, the chunks training evaluated)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -59,3 +60,20 @@ def write_result(name: str, data: dict, out_dir: Path | str | None = None) -> Pa
     payload = {"benchmark": name, "machine": machine_info(), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def replace_readme_block(readme: Path | str, start: str, end: str, block: str) -> bool:
+    """Put ``block`` between the marker lines ``start`` and ``end`` of ``readme`` (what was there
+    goes); ``False``, and the file untouched, when the README has no such markers."""
+    readme = Path(readme)
+    text = readme.read_text()
+    pattern = re.compile(rf"({re.escape(start)}\n).*?({re.escape(end)})", re.S)
+    if not pattern.search(text):
+        return False
+    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
+    return True
+
+
+def comma_names(text: str) -> list[str]:
+    """``"a, b,c"`` → ``["a", "b", "c"]`` (an argparse ``type``)."""
+    return [part.strip() for part in text.split(",") if part.strip()]

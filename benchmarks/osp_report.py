@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
+from common import RESULTS, replace_readme_block  # noqa: E402 (benchmarks/ is on the path when run or tested)
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE, OSP = "adamw", "osp"
 SCHEMES = ("w4", "w3", "w2", "w4a4", "w8a8")
 """The quantized schemes of the quant-eval table, in column order (``fp`` is the reference)."""
@@ -306,12 +306,7 @@ def plot(osp: dict, path: str | Path) -> Path:
 
 def update_readme(readme: Path, block: str) -> bool:
     """Replace the ``<!-- osp -->`` block; False when the README has no markers."""
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- osp -->\n).*?(<!-- /osp -->)", re.S)
-    if not pattern.search(text):
-        return False
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
-    return True
+    return replace_readme_block(readme, "<!-- osp -->", "<!-- /osp -->", block)
 
 
 def main() -> None:

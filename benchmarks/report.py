@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, replace_readme_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "adamw"
@@ -356,12 +355,7 @@ def render_block(combined: dict, plots: list[Path]) -> str:
 
 def update_readme(readme: Path, suite: str, block: str) -> bool:
     """Replace the marked block for ``suite``; returns False when the README has no markers."""
-    text = readme.read_text()
-    pattern = re.compile(rf"(<!-- bench:{re.escape(suite)} -->\n).*?(<!-- /bench:{re.escape(suite)} -->)", re.S)
-    if not pattern.search(text):
-        return False
-    readme.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
-    return True
+    return replace_readme_block(readme, f"<!-- bench:{suite} -->", f"<!-- /bench:{suite} -->", block)
 
 
 def main() -> None:
