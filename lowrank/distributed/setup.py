@@ -97,11 +97,13 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
 
 def parameter_hash(model: nn.Module) -> str:
     """sha256 of every parameter's bytes, in ``named_parameters`` order: equal hashes mean
-    bit-identical weights (how DDP rank consistency is checked at the end of a run)."""
+    bit-identical weights (how rank consistency is checked at the end of a run). A sharded
+    (FSDP2 / DTensor) parameter is hashed whole: every rank gathers it, so the hash is the model's."""
     digest = hashlib.sha256()
     for name, param in unwrap_model(model).named_parameters():
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """How a run spreads over ranks: one process, DDP (with an optional communication hook), or
 FSDP2. The training loop asks its :class:`Strategy` for the few things that differ — wrapping the
 model, gradient sync during accumulation, the global gradient norm, the finite-state check, the
-parameter hash, the validation shard and the checkpoint format — and is otherwise the same loop.
+validation shard and the checkpoint format — and is otherwise the same loop.
 
 * ``ddp`` (default): PyTorch's DDP when ``WORLD_SIZE > 1``; ``--comm`` registers a communication
   hook (:mod:`.comm`: PyTorch's ``bf16`` / ``fp16`` / ``powersgd``, our ``projected``, or
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UsageError
-from .setup import DistInfo, launched_by_torchrun, parameter_hash, wrap_ddp
+from .setup import DistInfo, launched_by_torchrun, wrap_ddp
 
 __all__ = ["STRATEGIES", "COMMS", "Strategy", "make_strategy", "check_comm"]
 
@@ -72,6 +72,12 @@ def onebit_refusal(method) -> str | None:
     return None
 
 
+def powersgd_start_step(compress_from: int) -> int:
+    """PowerSGD's ``start_powerSGD_iter`` for ``--freeze-step`` ``compress_from``: at least 2,
+    since DDP rebuilds its buckets after the first step."""
+    return max(2, compress_from)
+
+
 class Strategy:
     """The single-process / DDP behaviour; :class:`FSDP2Strategy` overrides what differs."""
 
@@ -90,11 +96,11 @@ class Strategy:
 
     def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int, *, compress_from: int = 1) -> None:
         """After the optimizer exists: the communication hook (DDP with ``--comm``). ``compress_from``:
-        PowerSGD's ``start_powerSGD_iter`` (at least 2: DDP rebuilds its buckets after step 1)."""
+        the step compression starts (PowerSGD: :func:`powersgd_start_step`)."""
         if self.comm != "none" and self.info.enabled:
             from .comm import register_comm_hook
 
-            options = {"start_powerSGD_iter": max(2, compress_from)} if self.comm == "powersgd" else {}
+            options = {"start_powerSGD_iter": powersgd_start_step(compress_from)} if self.comm == "powersgd" else {}
             try:
                 self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step, **options)
             except ValueError as error:
@@ -129,9 +135,6 @@ class Strategy:
         """The tensors a finite check must look at on this rank (all of them, or the local shards)."""
         return tensors
 
-    def parameter_hash(self, model: nn.Module) -> str:
-        return parameter_hash(model)
-
     def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
         return valid[self.info.rank :: self.info.world_size]
 
@@ -159,6 +162,9 @@ class Strategy:
         if self.info.main:
             save_checkpoint(root, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
                             meta={**meta, "strategy": self.name}, keep=keep)
+
+    def check_resumable(self, checkpoint: Path) -> None:
+        """Refuse, before any work, a checkpoint this strategy cannot load (DDP loads both kinds)."""
 
     def load(self, checkpoint: Path, state: dict, *, model, optimizer) -> None:
         from ..run.checkpoint import load_checkpoint
@@ -200,19 +206,6 @@ class FSDP2Strategy(Strategy):
     def local_tensors(self, tensors):
         return [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in tensors]
 
-    def parameter_hash(self, model: nn.Module) -> str:
-        # Hash the whole parameters (every rank gathers them): equal hashes mean the same model.
-        import hashlib
-
-        from ..wrap import unwrap_model
-
-        digest = hashlib.sha256()
-        for name, param in unwrap_model(model).named_parameters():
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            digest.update(name.encode())
-            digest.update(full.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
     def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
         # Every rank must run the same number of forward passes (each one all-gathers): the
         # validation chunks are cut to a multiple of the world size.
@@ -225,13 +218,15 @@ class FSDP2Strategy(Strategy):
         save_sharded_checkpoint(root, model, optimizer, trainer_state, step=step, meta={**meta, "strategy": self.name},
                                 keep=keep)
 
-    def load(self, checkpoint: Path, state: dict, *, model, optimizer) -> None:
-        from .dcp import is_sharded_checkpoint, load_sharded_checkpoint
-
-        if not is_sharded_checkpoint(checkpoint):
+    def check_resumable(self, checkpoint: Path) -> None:
+        if not (checkpoint / "dcp").is_dir():
             raise UsageError(f"checkpoint {checkpoint} was written without --strategy fsdp2 (one full state dict, not a DCP "
                              "checkpoint); resume it with --strategy ddp, or start the FSDP2 run afresh")
-        load_sharded_checkpoint(checkpoint, model, optimizer)
+
+    def load(self, checkpoint: Path, state: dict, *, model, optimizer) -> None:
+        from .dcp import load_sharded_checkpoint
+
+        load_sharded_checkpoint(checkpoint, model, optimizer)  # refused earlier if not DCP (check_resumable)
 
 
 def make_strategy(name: str, info: DistInfo, device: torch.device, *, comm: str, precision: str) -> Strategy:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import accounting
 from ..data import build_data
-from ..distributed import Heartbeat, init_distributed, is_comm_failure, stalled_message
+from ..distributed import Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message
 from ..distributed.strategy import check_comm, make_strategy
 from ..errors import UsageError
 from ..methods import apply_method, build_controller, build_optimizer, load_method, param_groups
@@ -210,9 +210,7 @@ class Trainer:
             raise UsageError(f"checkpoint {checkpoint} is at step {step}, the end of this run ({self.total_steps} steps): nothing "
                              "to resume; raise --max-steps / --max-tokens to train further, or export it with lowrank export")
         meta = self.resume.meta()
-        if self.strategy.sharded and not (checkpoint / "dcp").is_dir():
-            raise UsageError(f"checkpoint {checkpoint} was written without --strategy fsdp2 (one full state dict, not a DCP "
-                             "checkpoint); resume it with --strategy ddp, or start the FSDP2 run afresh")
+        self.strategy.check_resumable(checkpoint)
         changes = structural_differences(meta.method, self.method.to_dict(), meta.model_config, self.model_config.to_dict())
         if changes:
             raise UsageError(f"checkpoint {checkpoint} was trained with other shapes ({'; '.join(changes)}); resume with the "
@@ -392,7 +390,7 @@ class Trainer:
         return summary
 
     def _summary(self, step_times: list[float], recent_losses, val_loss: float | None) -> dict[str, Any]:
-        own_hash = self.strategy.parameter_hash(self.model)
+        own_hash = parameter_hash(self.model)
         hashes = [own_hash]
         if self.dist.enabled:
             hashes = [None] * self.dist.world_size
