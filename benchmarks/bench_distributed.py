@@ -83,6 +83,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, comma_names, machine_info, replace_readme_block, write_result  # noqa: E402
+from lowrank.run.metrics import read_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "distributed"
@@ -168,7 +169,7 @@ def comm_bytes(model: torch.nn.Module, kind: str, world_size: int, optimizer=Non
 
     from lowrank.distributed.comm import (POWERSGD_DEFAULTS, CommStats, _bucket_bytes, _powersgd_bytes,
                                           _ProjectedHook)
-    from lowrank.distributed.onebit import _SCALE_BYTES, padded_numel
+    from lowrank.distributed.onebit import onebit_bytes
     from lowrank.optim import projection as proj
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,8 +181,7 @@ def comm_bytes(model: torch.nn.Module, kind: str, world_size: int, optimizer=Non
         state.iter = state.start_powerSGD_iter
         return _powersgd_bytes(state)(bucket)
     if kind == "onebit":
-        return {"signs": sum(padded_numel(p.numel(), world_size) // 8 for p in params),
-                "scales": _SCALE_BYTES * world_size * len(params)}
+        return onebit_bytes([p.numel() for p in params], world_size)
     if kind == "projected":
         if optimizer is None:
             raise ValueError("comm_bytes(..., 'projected') needs the GaLore-style optimizer")
@@ -273,8 +273,10 @@ def pretrain_argv(args, row: Row, run_dir: Path) -> list[str]:
 
 
 def powersgd_start(args) -> int:
-    """The step PowerSGD starts compressing at in the PowerSGD row (``Strategy.attach``'s rule)."""
-    return max(2, args.warmup)
+    """The step PowerSGD starts compressing at in the PowerSGD row."""
+    from lowrank.distributed.strategy import powersgd_start_step
+
+    return powersgd_start_step(args.warmup)
 
 
 def command(args, row: Row, run_dir: Path) -> list[str]:
@@ -287,11 +289,6 @@ def _shown(argv: list[str]) -> str:
     """A command line as a person would type it (``torchrun`` for the launcher)."""
     text = shlex.join(argv)
     return text.replace(shlex.join([sys.executable, "-m", "torch.distributed.run"]), "torchrun", 1)
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _vocab_size(run_dir: Path) -> int | None:
@@ -350,7 +347,7 @@ def run_row(args, row: Row) -> dict[str, Any]:
         print(f"[{row.label}] FAILED ({entry['reason']}); see {log}", flush=True)
         return entry
     summary = json.loads(summary_path.read_text())
-    steps = [r for r in _records(run_dir) if "loss" in r]
+    steps = [r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r]
     after = [r for r in steps if r["step"] > args.warmup]
     logged = [r["comm_bytes"] for r in steps if "comm_bytes" in r]
     entry.update({

@@ -178,6 +178,7 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
     bundle = build_data(args.data, seq_len=seq_len, batch_size=batch_size, seed=args.seed, tokenizer=info["tokenizer"],
                         cache_dir=args.work / args.suite / "cache", max_valid_tokens=training["eval_tokens"])
     trained_on = (record.get("valid_selection") or {}).get("sha1")
+    valid_sha1 = _sha1(bundle.valid)
     valid, subset = _subset(bundle.valid, args.eval_tokens)
     widths = _linear_inputs(model)
     schemes, flat = quant_eval_schemes(args.group_size, widths)
@@ -206,8 +207,8 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
         "eval": {
             "tokens": int(valid.numel()),
             "chunks": int(valid.shape[0]),
-            "valid_sha1": _sha1(bundle.valid),
-            "same_chunks_as_training": None if trained_on is None else _sha1(bundle.valid) == trained_on,
+            "valid_sha1": valid_sha1,
+            "same_chunks_as_training": None if trained_on is None else valid_sha1 == trained_on,
             "subset": subset,
             "fp_ppl_over_training_ppl": fp_ppl / record["val_ppl"],
         },
@@ -224,7 +225,7 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
         count = math.ceil(args.calib_tokens / (batch_size * seq_len))
         calibration = torch.cat([next(bundle.train) for _ in range(count)])
         batches = as_batches(valid, batch_size)
-        group, flat = args.group_size, any(width % args.group_size for width in widths)
+        group = args.group_size  # flat: as quant_eval_schemes decided it for these widths
         rows = []
         for bits in args.bits:
             for method in args.methods:

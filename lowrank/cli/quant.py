@@ -85,7 +85,7 @@ def load_model_for_quant(path: str, *, tokenizer: str | None = None, device: str
     vocab, rows = len(tok), model.get_input_embeddings().num_embeddings
     if vocab != rows:
         raise UsageError(f"tokenizer {tokenizer_source}: {vocab} tokens for an embedding of {rows} rows; pass the model's own with --tokenizer")
-    model = plain_model(model).to(_device(device)).eval()
+    model = plain_model(model, inplace=True).to(_device(device)).eval()  # just loaded: nothing else holds it
     return model, tok, {"source": source, "path": str(folder), "tokenizer": str(tokenizer_source), "seq_len": seq_len}
 
 

@@ -219,8 +219,13 @@ def compressed_allreduce(
         packed, scales = _split(gathered[:, offset : offset + width])
         x.copy_(unpack_signs(packed).mul_(scales.unsqueeze(1)).view(-1)[: x.numel()].view_as(x))
         offset += width
-    signs = sum(padded_numel(x.numel(), world) // 8 for x in tensors)
-    return {"signs": signs, "scales": _SCALE_BYTES * world * len(tensors)}
+    return onebit_bytes([x.numel() for x in tensors], world)
+
+
+def onebit_bytes(numels: list[int], world: int) -> dict[str, int]:
+    """What :func:`compressed_allreduce` hands to its collectives for tensors of ``numels``
+    entries at ``world`` ranks: packed signs (``padded_numel/8``) and one fp32 scale per chunk."""
+    return {"signs": sum(padded_numel(n, world) // 8 for n in numels), "scales": _SCALE_BYTES * world * len(numels)}
 
 
 # ---------------------------------------------------------------------- the optimizer
