@@ -3,7 +3,7 @@ leave a model with fewer outliers that loses less under quantization, and do Api
 saliency-aware regularizer beat round-to-nearest post-training quantization?
 
     python benchmarks/bench_osp.py --data ../shared/data/pydocs [--suite cpu-osp] [--results benchmarks/results]
-        [--work /work/bench-work] [--bits 2,3] [--calib-tokens 16384] [--eval-tokens N] [--steps 100]
+        [--work /work/bench-work] [--bits 2,3] [--calib-tokens 16384] [--eval-tokens N] [--steps 100] [--epochs 20]
 
 For every finished run of the suite (``<results>/<suite>/<label>.json`` written by
 ``compare.py``, not failed, with its run folder ``<work>/<suite>/<label>`` holding a checkpoint
@@ -19,9 +19,16 @@ of the same settings hash):
    suite's ``eval_tokens)``, checked against the run's recorded selection hash), or an evenly
    spaced subset of them when ``--eval-tokens`` is smaller.
 2. **PTQ** of the ``--ptq-contenders`` runs (``adamw``, ``osp``; the best run of each):
-   :func:`lowrank.quant.ptq.quantize` at each of ``--bits`` with ``rtn``, ``apiq`` and
-   ``apiq+saliency`` (the same calibration batches from the training split, the same seed, rank,
-   steps and learning rate), and the validation ppl of each result on the same chunks.
+   :func:`lowrank.quant.ptq.quantize` at each of ``--bits``, one row per
+   :data:`osp_report.PTQ_VARIANTS`: ``rtn``; ``apiq (ours)`` and ``apiq (published)`` (our recipe
+   and ApiQ's released one, :data:`lowrank.quant.recipes.RECIPES`); ``apiq+saliency (ours)`` (our
+   regularizer form with our recipe) and ``apiq+saliency (published)`` (the published
+   Fisher-weighted form with the released recipe). Every row calibrates on the same tokens from
+   the training split with the same seed and rank; our recipe runs ``--steps`` steps per block on
+   batches of the suite's size, the published one ``--epochs`` (its 20) epochs of one-sequence
+   steps. Then the validation ppl of each result on the same chunks.
+   Quant-eval also records the excess kurtosis by OSP's own protocol (``kurtosis_osp``: each
+   token alone, embedding output + layers 1…L−1 + the final-normed state; its verdict uses it).
 3. Writes ``<results>/osp.json`` (settings, machine incl. load average, per run the training
    result's val ppl / tokens/s / optimizer-state bytes, the quant-eval numbers, the PTQ table) and
    the plot ``docs/osp_ppl_vs_bits.png`` (``--plot``), and prints a short table.
@@ -31,29 +38,36 @@ of the same settings hash):
 divide. Quant-eval then uses *flat* groups of 128 (128 consecutive entries of the row-major
 weight, :class:`lowrank.quant.formats.QuantFormat` ``flat=True``): identical to per-row groups
 for every layer whose input dimension 128 divides (q, k, v, o, gate, up) and 128-entry groups
-spanning rows in ``down_proj``, so the bits per weight stay those of g128. PTQ (``quantize``)
-uses the same groups (flat where 128 does not divide a layer), asymmetric min–max as ApiQ (and
-the ``quantize`` default); the JSON and the README block say which.
+spanning rows in ``down_proj``, so the bits per weight stay those of g128. PTQ uses each
+recipe's group (ours 128; published 64 at 2 bits, 128 at 3) unless ``--ptq-group-size`` is
+given, flat where it does not divide a layer, asymmetric min–max; the JSON and the README block
+say which (the published 2-bit rows store 0.14 more bits per weight for their smaller groups: 2.281 vs 2.141).
 
 **Defaults**, sized for 2 CPU cores and one thread (``--threads 1``): ``--eval-tokens`` = the
 suite's ``eval_tokens`` (65,536 on cpu-osp: the very chunks training evaluated, so the
 full-precision ppl equals the run's final val ppl), ``--calib-tokens 16384`` (16 batches of
-8 × 128), ``--steps 100`` retraining steps per decoder block (``quantize``'s default is 200, where
-λ was tuned; 100 saves ~5 minutes here), ``--rank 16`` (the rank λ was tuned at, on a 128-wide
-model; ApiQ's 64 at hidden 4096 is r/d = 1/64, 16 at hidden 256 is 1/16; the factors add
-``bits_per_weight.with_factors_bf16`` − base ≈ 1.6 bits per weight, recorded), ``--bits 2,3``.
+8 × 128; the published recipe's 262,144 would take hours here), ``--steps 100`` retraining steps
+per decoder block for our recipe (``quantize``'s default is 200), ``--epochs`` 20 for the
+published recipe (128 one-sequence steps each: 2,560 steps per block), ``--rank 16`` (the rank λ
+was tuned at, on a 128-wide model; ApiQ's 64 at hidden 4096 is r/d = 1/64, 16 at hidden 256 is
+1/16; the factors add ``bits_per_weight.with_factors_bf16`` − base ≈ 1.6 bits per weight,
+recorded), ``--bits 2,3``.
 
-**Running time on cpu-osp** (estimated from the FLOPs and cpu-long's ~2,800 training tokens/s per
-thread, not measured): each quant-eval is 7 forward passes over 65,536 tokens, ~1 min per run,
-~6 min for the 5 runs; each ApiQ run is 4 blocks × (statistics over the calibration set +
-100 steps of forward/backward on 1,024 tokens) plus a validation pass, ~1–1.5 min, and each RTN
-run ~15 s: ~10–12 min for the 12 quantize runs. About 15–20 minutes in all on an otherwise idle
-machine; ``osp.json`` records the seconds of every step.
+**Running time on cpu-osp** (from the last run's seconds, ``osp.json``: quant-eval ~70 s per run,
+an RTN row ~14 s, an ApiQ row with 100 steps of 8 × 128 tokens ~70 s; and from steps timed on a
+randomly initialised llama_20m, one thread, a loaded machine: a learned-clipping step of our
+recipe ~0.2 s, a published-recipe step of one 128-token sequence ~0.1 s, of which ~22 ms is
+re-quantizing the block's weights with the current clipping): quant-eval ~6 min for the 5 runs
+(+ ~10 s each for OSP's protocol); per PTQ'd contender and bit width ~14 s (rtn), ~3 min (the two
+rows with our recipe) and ~25 min (the two published rows: 2,560 steps per block × 4 blocks; the
+saliency one spends 75 % of them on the cheap weight-preservation steps). About 2 hours in all on
+one thread (``--epochs 5``: about 50 minutes); ``osp.json`` records the seconds of every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import json
@@ -67,7 +81,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, comma_names, machine_info, write_result  # noqa: E402
-from osp_report import PTQ_METHODS, plot, text_table  # noqa: E402
+from osp_report import PTQ_METHODS, PTQ_VARIANTS, plot, text_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = ROOT / "docs" / "osp_ppl_vs_bits.png"
@@ -165,8 +179,8 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
     from lowrank.cli.quant import load_model_for_quant
     from lowrank.data import build_data
     from lowrank.integrations.export import find_checkpoint
-    from lowrank.quant.evaluate import as_batches, evaluate_quantization, validation_loss
-    from lowrank.quant.ptq import quantize
+    from lowrank.quant.evaluate import as_batches, evaluate_quantization, hidden_state_statistics, validation_loss
+    from lowrank.quant.ptq import RECIPES, quantize
     from lowrank.run.folder import CheckpointMeta
 
     record, run_dir = run["record"], run["run_dir"]
@@ -184,6 +198,9 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
     schemes, flat = quant_eval_schemes(args.group_size, widths)
     print(f"[{run['label']}] quant-eval on {valid.numel():,} tokens ...", flush=True)
     result = evaluate_quantization(model, valid, batch_size=batch_size, schemes=schemes)
+    # OSP's own protocol too (each token alone, embedding + final-normed states): the paper's numbers use it.
+    reference = hidden_state_statistics(model, as_batches(valid, batch_size), protocol="osp")
+    result["kurtosis_osp"], result["max_abs_osp"] = reference["kurtosis"], reference["max_abs"]
     fp_ppl = result["schemes"]["fp"]["ppl"]
     result["gaps"] = {label: row["ppl"] / fp_ppl for label, row in result["schemes"].items() if label != "fp"}
     eval_seconds = time.perf_counter() - started
@@ -225,22 +242,32 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
         count = math.ceil(args.calib_tokens / (batch_size * seq_len))
         calibration = torch.cat([next(bundle.train) for _ in range(count)])
         batches = as_batches(valid, batch_size)
-        group = args.group_size  # flat: as quant_eval_schemes decided it for these widths
         rows = []
         for bits in args.bits:
-            for method in args.methods:
-                print(f"[{run['label']}] quantize {bits}-bit {method} ...", flush=True)
+            for variant in args.methods:
+                spec = PTQ_VARIANTS[variant]
+                recipe = spec.get("recipe", "ours")
+                group = args.ptq_group_size or RECIPES[recipe].group_size[bits]
+                published = recipe != "ours"
+                print(f"[{run['label']}] quantize {bits}-bit {variant} ...", flush=True)
                 begun = time.perf_counter()
-                quantized, report = quantize(model, calibration, bits=bits, group_size=group, flat=flat, rank=args.rank,
-                                             method=method,
-                                             steps=args.steps, symmetric=args.ptq_symmetric, batch_size=batch_size,
+                # Ours: the bench's steps and batches of the suite's size; published: the recipe's
+                # epochs over one-sequence batches. The same calibration tokens for every row.
+                quantized, report = quantize(model, calibration, bits=bits, recipe=recipe, method=spec["method"],
+                                             saliency=spec.get("saliency"), group_size=group,
+                                             flat=any(width % group for width in widths), rank=args.rank,
+                                             steps=None if published else args.steps, epochs=args.epochs if published else None,
+                                             batch_size=None if published else batch_size, symmetric=args.ptq_symmetric,
                                              seed=args.seed)
                 loss = validation_loss(quantized, batches)
                 blocks = report["blocks"]
                 layers = report["layers"].values()
                 rows.append({
                     "bits": bits,
-                    "method": method,
+                    "variant": variant,
+                    "method": spec["method"],
+                    "recipe": recipe,
+                    "group_size": group,
                     "format": report["format"],
                     "bits_per_weight": report["bits_per_weight"],
                     "rank": report["rank"],
@@ -259,7 +286,7 @@ def evaluate_run(run: dict, args, ptq: bool) -> dict:
                       flush=True)
                 del quantized, report
                 gc.collect()
-        entry["ptq"] = {"fp_ppl": fp_ppl, "group_size": group,
+        entry["ptq"] = {"fp_ppl": fp_ppl, "group_size": args.ptq_group_size,
                         "calibration": {"tokens": int(calibration.numel()), "batches": count, "sha1": _sha1(calibration)},
                         "results": rows}
         entry["seconds"]["ptq"] = round(sum(r["seconds"] for r in rows), 1)
@@ -292,12 +319,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--work", type=Path, default=Path("/work/bench-work"), help="compare.py --work: run folders <work>/<suite>/<label>")
     add("--plot", type=Path, default=DEFAULT_PLOT, help="the PNG to write")
     add("--bits", type=_ints, default=[2, 3], help="PTQ bit widths (comma-separated)")
-    add("--methods", type=comma_names, default=list(PTQ_METHODS), help="PTQ methods (comma-separated)")
+    add("--methods", type=comma_names, default=list(PTQ_METHODS),
+        help=f"PTQ rows (comma-separated), among: {', '.join(PTQ_METHODS)}")
     add("--ptq-contenders", type=comma_names, default=["adamw", "osp"], help="contenders to PTQ (the best run of each)")
     add("--calib-tokens", type=int, default=16_384, help="calibration tokens from the training split")
     add("--eval-tokens", type=int, default=None,
         help="validation tokens, at most the suite's eval_tokens (default: all of them, the chunks training evaluated)")
-    add("--steps", type=int, default=100, help="ApiQ retraining steps per decoder block")
+    add("--steps", type=int, default=100, help="retraining steps per decoder block of the rows with our recipe")
+    add("--epochs", type=int, default=None,
+        help="epochs over the calibration set of the rows with the published recipe (default: its 20)")
+    add("--ptq-group-size", type=int, default=None,
+        help="PTQ weight group (default: each recipe's: ours 128, published 64 at 2 bits; flat where it does not divide a layer)")
     add("--rank", type=int, default=16, help="rank of the PTQ factors")
     add("--group-size", type=int, default=128, help="quant-eval weight group (flat where it does not divide a layer)")
     add("--ptq-symmetric", action="store_true", help="symmetric PTQ grid (default asymmetric min-max, as ApiQ)")
@@ -311,8 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--bits must be among {', '.join(map(str, INT_BITS))}")
     if any(m not in PTQ_METHODS for m in args.methods):
         parser.error(f"--methods must be among {', '.join(PTQ_METHODS)}")
-    for option in ("calib_tokens", "steps", "rank", "group_size", "threads"):
-        if getattr(args, option) < (0 if option == "steps" else 1):
+    for option in ("calib_tokens", "steps", "rank", "group_size", "threads", "epochs", "ptq_group_size"):
+        value = getattr(args, option)
+        if value is not None and value < (0 if option in ("steps", "epochs") else 1):
             parser.error(f"--{option.replace('_', '-')} must be positive")
     return args
 
@@ -320,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from lowrank.quant.ptq import DEFAULT_LAMBDA, DEFAULT_LR
+    from lowrank.quant.ptq import RECIPES
 
     started, load_start = time.perf_counter(), os.getloadavg()
     runs, skipped = finished_runs(args.results, args.suite, args.work)
@@ -349,9 +382,20 @@ def main(argv: list[str] | None = None) -> dict:
     first = entries[0]
     training = _training(runs[0]["record"])
     schemes = first["quant_eval"]["schemes"]
-    ptq_group = args.group_size
-    ptq_flat = any(width % ptq_group for width in first["linear_input_widths"])
+    widths = first["linear_input_widths"]
+    groups = {recipe: {bits: args.ptq_group_size or RECIPES[recipe].group_size[bits] for bits in args.bits}
+              for recipe in sorted({PTQ_VARIANTS[v].get("recipe", "ours") for v in args.methods})}
+    ptq_flat = any(width % g for per_bits in groups.values() for g in per_bits.values() for width in widths)
     asym = "symmetric absmax" if args.ptq_symmetric else "asymmetric min–max"
+    group_text = "; ".join(f"{'published' if recipe != 'ours' else 'ours'}: " + ", ".join(
+        f"{g} at {bits} bits" for bits, g in per_bits.items()) for recipe, per_bits in groups.items())
+    ours, apiq = RECIPES["ours"], RECIPES["apiq"]
+    recipe_note = (f"our recipe {args.steps} retraining steps per block (batches of {args.batch_size or training['batch_size']} "
+                   f"sequences, lr {ours.lr:g} cosine, relative block error, LoRA scale {ours.scale:g}, closed-form init, learned "
+                   f"clipping); the published recipe (ApiQ's script) {args.epochs or apiq.epochs} epochs over one-sequence "
+                   f"batches (lr {apiq.lr:g} constant, wd {apiq.weight_decay:g}, MSE + aug loss, scale {apiq.scale:g}, B = 0 init, "
+                   f"learned clipping lr {apiq.clip_lr:g}); saliency λ {ours.saliency_lambda:g}, ours |W|·‖X_j‖ every step, "
+                   f"published g²·(Q(W) − W)² in the first {ours.weight_preservation:.0%} of the steps")
     data = {
         "suite": args.suite,
         "machine": {**machine_info(), "load_average": {"start": list(load_start), "end": list(os.getloadavg())}},
@@ -377,16 +421,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "runs": sorted(ptq_labels),
                 "bits": args.bits,
                 "methods": args.methods,
-                "group_size": ptq_group,
+                "group_size": groups,
                 "symmetric": args.ptq_symmetric,
                 "flat_groups": ptq_flat,
-                "format_note": f"{asym} int per group of {ptq_group}" + (" (flat where it does not divide a layer)" if ptq_flat else ""),
-                "format_short": f"{'sym' if args.ptq_symmetric else 'asym'} g{ptq_group}" + ("-flat" if ptq_flat else ""),
+                "format_note": f"{asym} int, groups ({group_text})" + (" flat where they do not divide a layer" if ptq_flat else ""),
+                "format_short": f"{'sym' if args.ptq_symmetric else 'asym'}" + ("-flat" if ptq_flat else ""),
                 "rank": args.rank,
                 "steps": args.steps,
-                "lr": DEFAULT_LR,
-                "saliency_lambda": DEFAULT_LAMBDA,
-                "saliency": "activation",
+                "epochs": args.epochs or apiq.epochs,
+                "recipes": {name: dataclasses.asdict(RECIPES[name]) for name in groups},
+                "recipe_note": recipe_note,
+                "kurtosis": "both protocols: ours (decoder layer outputs, full context) and OSP's (each token alone; "
+                            "embedding output, layers 1..L-1, final-normed last state); the kurtosis verdict uses OSP's",
                 "calibration_tokens": next((e["ptq"]["calibration"]["tokens"] for e in entries if e["ptq"]), args.calib_tokens),
                 "seed": args.seed,
             },

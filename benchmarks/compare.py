@@ -37,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,16 @@ def run_one(settings: dict[str, Any], out_json: Path, work: Path) -> None:
     started = time.time()
     load_before = os.getloadavg()
     try:
-        summary = pretrain(cfg)
+        try:
+            summary = pretrain(cfg)
+        except UsageError as error:
+            # A peer's optimizer state that weights_only cannot read (galore-torch, Fira and APOLLO
+            # keep projector objects in it) cannot be resumed: run it again from the start.
+            if not (resume and contender.peer is not None and "is corrupt" in str(error)):
+                raise
+            print(f"cannot resume {out_json.stem} ({str(error)[:120]}...): starting it again", file=sys.stderr)
+            resume = False
+            summary = pretrain(replace(cfg, resume=None, overwrite=True))
     except UsageError as error:
         if "diverged" not in str(error):
             raise

@@ -26,7 +26,26 @@ SCHEMES = ("w4", "w3", "w2", "w4a4", "w8a8")
 """The quantized schemes of the quant-eval table, in column order (``fp`` is the reference)."""
 BITS = {"fp": 16, "w4": 4, "w3": 3, "w2": 2}
 """Weight bits of the weight-only schemes, the x positions of the plot's lines."""
-PTQ_METHODS = ("rtn", "apiq", "apiq+saliency")
+PTQ_VARIANTS = {
+    "rtn": {"method": "rtn"},
+    "apiq (ours)": {"method": "apiq", "recipe": "ours"},
+    "apiq (published)": {"method": "apiq", "recipe": "apiq"},
+    "apiq+saliency (ours)": {"method": "apiq+saliency", "recipe": "ours", "saliency": "activation"},
+    "apiq+saliency (published)": {"method": "apiq+saliency", "recipe": "apiq", "saliency": "fisher"},
+}
+"""The PTQ rows: round-to-nearest; ApiQ under our recipe and under ApiQ's released one
+(:data:`lowrank.quant.recipes.RECIPES`); the saliency regularizer in our form (``|W|·‖X_j‖`` on
+``Q + sBA``, relative, every step, our recipe) and in the published one (Fisher-weighted
+``(Q(W) − W)²`` in the weight-preservation steps, the released recipe)."""
+PTQ_METHODS = tuple(PTQ_VARIANTS)
+COMPARISONS = (
+    ("apiq (ours)", "rtn", "ApiQ with our recipe (closed-form init, learned clipping, retraining) beats RTN"),
+    ("apiq (published)", "rtn", "ApiQ with its released recipe beats RTN"),
+    ("apiq+saliency (ours)", "apiq (ours)", "Our saliency form improves on plain ApiQ (our recipe)"),
+    ("apiq+saliency (published)", "apiq (published)",
+     "The published saliency-aware regularizer improves on plain ApiQ (released recipe)"),
+)
+"""The PTQ directions checked: ``(better, worse, claim)``."""
 TIE = 0.01
 """Ties (one seed per run): perplexities or kurtoses within 1 % of each other, ppl gaps within 0.01."""
 
@@ -71,10 +90,10 @@ def representative(osp: dict, contender: str) -> dict | None:
 
 
 def ptq_rows(run: dict | None) -> dict[tuple[int, str], dict]:
-    """``{(bits, method): row}`` of a run's PTQ results."""
+    """``{(bits, variant): row}`` of a run's PTQ results (``method`` for JSON written before variants)."""
     if not run or not run.get("ptq"):
         return {}
-    return {(row["bits"], row["method"]): row for row in run["ptq"]["results"]}
+    return {(row["bits"], row.get("variant", row["method"])): row for row in run["ptq"]["results"]}
 
 
 def _outcome(better: float, worse: float) -> int:
@@ -117,13 +136,13 @@ def _verdict(outcomes: list[int], tie: str = f"{TIE:.0%}") -> str:
 def quant_table(osp: dict) -> list[str]:
     """Markdown: per run, training val ppl, kurtosis, max |act|, and the ppl gap of each scheme."""
     display = names(osp)
-    header = ["contender", "val ppl (training)", "val ppl (fp, folded/merged)", "excess kurtosis", "max \\|act\\|",
-              *[f"{s.upper()} gap" for s in SCHEMES]]
+    header = ["contender", "val ppl (training)", "val ppl (fp, folded/merged)", "excess kurtosis (ours)",
+              "excess kurtosis (OSP protocol)", "max \\|act\\|", *[f"{s.upper()} gap" for s in SCHEMES]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in osp["runs"]:
         q = run["quant_eval"]
         cells = [f"`{display[run['label']]}`", _num(run["training"]["val_ppl"], 4), _num(q["schemes"]["fp"]["ppl"], 4),
-                 _num(q["kurtosis"]), _num(q["max_abs"]), *[_gap(q["gaps"].get(s)) for s in SCHEMES]]
+                 _num(q["kurtosis"]), _num(q.get("kurtosis_osp")), _num(q["max_abs"]), *[_gap(q["gaps"].get(s)) for s in SCHEMES]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -159,9 +178,11 @@ def directions(osp: dict) -> list[str]:
         lines.append(f"- OSP has lower excess kurtosis than AdamW: {why}.")
         lines.append(f"- OSP loses less perplexity under W4 / W4A4: {why}.")
     else:
-        ka, ko = adamw["quant_eval"]["kurtosis"], osp_run["quant_eval"]["kurtosis"]
+        key = "kurtosis_osp" if "kurtosis_osp" in adamw["quant_eval"] and "kurtosis_osp" in osp_run["quant_eval"] else "kurtosis"
+        protocol = "OSP's protocol" if key == "kurtosis_osp" else "our protocol"
+        ka, ko = adamw["quant_eval"][key], osp_run["quant_eval"][key]
         ratio = f"{ka / ko:,.1f}× lower" if ko > 0 and ko < ka else f"{ko / ka:,.2f}× AdamW's" if ka > 0 else ""
-        lines.append(f"- OSP has lower excess kurtosis than AdamW (OSP paper: 0.04 vs 1818.56 at 1.4B): "
+        lines.append(f"- OSP has lower excess kurtosis than AdamW ({protocol}; OSP paper: 0.04 vs 1818.56 at 1.4B): "
                      f"{_verdict([_outcome(ko, ka)])} — OSP {_num(ko)} vs AdamW {_num(ka)}"
                      f"{f' ({ratio})' if ratio else ''}; max |act| {_num(osp_run['quant_eval']['max_abs'])} vs "
                      f"{_num(adamw['quant_eval']['max_abs'])}.")
@@ -172,8 +193,7 @@ def directions(osp: dict) -> list[str]:
             parts.append(f"{scheme.upper()} ppl gap OSP {go:.3f}× vs AdamW {ga:.3f}×")
         lines.append(f"- OSP loses less perplexity than AdamW under W4 and W4A4 (gap = quantized / full-precision ppl; "
                      f"gaps within {TIE:.2f} of each other are ties): {_verdict(outcomes, f'{TIE:.2f}')} — {'; '.join(parts)}.")
-    for better, worse, claim in (("apiq", "rtn", "ApiQ (closed-form init + block-wise retraining) beats RTN"),
-                                 ("apiq+saliency", "apiq", "The saliency-aware regularizer improves on plain ApiQ")):
+    for better, worse, claim in COMPARISONS:
         outcomes, parts = [], []
         for run in (r for r in osp["runs"] if r.get("ptq")):
             rows = ptq_rows(run)
@@ -200,7 +220,8 @@ def settings_line(osp: dict) -> str:
         f"{'the chunks training evaluated' if s['eval']['subset'] is None else s['eval']['subset']}): weights "
         f"{s['quant_eval']['weights']}, activations {s['quant_eval']['activations']}, every linear layer but the head. "
         f"PTQ ({', '.join(ptq['methods'])}) at {', '.join(map(str, ptq['bits']))} bits, "
-        f"{ptq['format_note']}, rank {ptq['rank']}, {ptq['steps']} retraining steps per block, "
+        f"{ptq['format_note']}, rank {ptq['rank']}, "
+        f"{ptq.get('recipe_note') or str(ptq['steps']) + ' retraining steps per block'}, "
         f"{ptq['calibration_tokens']:,} calibration tokens from the training split, seed {ptq['seed']}. "
         f"{machine['cpu']} ({machine['cpu_count']} cores), {machine['torch_threads']} thread(s){load_text}, "
         f"torch {machine['torch']}; {osp['seconds_total'] / 60:.0f} min."
@@ -254,8 +275,12 @@ def plot(osp: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     display = names(osp)
     colors = plt.get_cmap("tab10").colors
-    markers = {"rtn": "X", "apiq": "D", "apiq+saliency": "*"}
-    shift = {"rtn": -0.06, "apiq": 0.0, "apiq+saliency": 0.06}  # log2 offsets, so the markers do not overlap
+    markers = {"rtn": "X", "apiq": "D", "apiq+saliency": "*", "apiq (ours)": "D", "apiq (published)": "d",
+               "apiq+saliency (ours)": "*", "apiq+saliency (published)": "P"}
+    big = {"apiq+saliency", "apiq+saliency (ours)", "apiq+saliency (published)"}
+    # log2 offsets, so the markers do not overlap
+    shift = {"rtn": -0.08, "apiq": 0.0, "apiq+saliency": 0.06, "apiq (ours)": -0.04, "apiq (published)": 0.0,
+             "apiq+saliency (ours)": 0.04, "apiq+saliency (published)": 0.08}
     fig, ax = plt.subplots(figsize=(11, 6), dpi=120)
     for i, run in enumerate(osp["runs"]):
         color = colors[i % len(colors)]
@@ -266,8 +291,9 @@ def plot(osp: dict, path: str | Path) -> Path:
         ax.plot([4], [schemes["w4a4"]["ppl"]], "^", color=color, markersize=8, markeredgecolor="black", linestyle="none")
         ax.plot([8], [schemes["w8a8"]["ppl"]], "s", color=color, markersize=7, markeredgecolor="black", linestyle="none")
         for row in (run.get("ptq") or {}).get("results", []):
-            ax.plot([row["bits"] * 2 ** shift.get(row["method"], 0.0)], [row["val_ppl"]], markers.get(row["method"], "P"),
-                    color=color, markersize=10 if row["method"] == "apiq+saliency" else 7, markeredgecolor="black",
+            variant = row.get("variant", row["method"])
+            ax.plot([row["bits"] * 2 ** shift.get(variant, 0.0)], [row["val_ppl"]], markers.get(variant, "P"),
+                    color=color, markersize=10 if variant in big else 7, markeredgecolor="black",
                     linestyle="none")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -292,7 +318,7 @@ def plot(osp: dict, path: str | Path) -> Path:
             Line2D([], [], marker="s", color="gray", markeredgecolor="black", linestyle="none", label="W8A8 (RTN, per-token acts)")]
     if any(r.get("ptq") for r in osp["runs"]):
         keys += [Line2D([], [], marker=markers[m], color="gray", markeredgecolor="black", linestyle="none",
-                        markersize=10 if m == "apiq+saliency" else 7, label=f"PTQ {m} ({ptq['format_short']}, rank {ptq['rank']})")
+                        markersize=10 if m in big else 7, label=f"PTQ {m} ({ptq['format_short']}, rank {ptq['rank']})")
                  for m in ptq["methods"] if m in markers]
     ax.legend(handles=keys, loc="lower left", bbox_to_anchor=(1.01, 0.0), fontsize=8, title="markers (colour: contender)",
               title_fontsize=8)

@@ -15,7 +15,6 @@ import copy
 from torch import nn
 
 from .osp import fold, is_osp
-from .quant.fake import is_fake_quantized, remove_fake_quant
 from .wrap import is_wrapped, merge_to_dense
 
 __all__ = ["plain_model"]
@@ -24,6 +23,10 @@ __all__ = ["plain_model"]
 def plain_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """``model`` itself when it is plain already; otherwise a copy (or, with ``inplace``, the
     model itself) with fake quantization removed, merged to dense and OSP folded."""
+    # Imported here, not at the top: lowrank.quant's package imports quant.evaluate, which imports
+    # this module; a top-level import made ``from lowrank.deploy import plain_model`` a cycle.
+    from .quant.fake import is_fake_quantized, remove_fake_quant
+
     if not (is_fake_quantized(model) or is_wrapped(model) or is_osp(model)):
         return model
     plain = model if inplace else copy.deepcopy(model)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .linalg import balanced_factors, kaiming_uniform_, spectral_factors, work_dtype
+from .precision import linear
 from .seeding import (
     STREAM_INIT,
     STREAM_MERGE,
@@ -122,6 +123,9 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:  # before the rank, which is bounded by them
+                raise ValueError(f"LowRankLinear({name}=...) must be a positive whole number, got {size!r}")
         check_rank(rank, out_features, in_features)
         check_sparse_density(sparse_density)
         init = init or ("lora" if keep_base else "kaiming")
@@ -233,12 +237,13 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Scaling the r-dimensional intermediate is cheaper than scaling the m-dimensional output.
-        hidden = F.linear(x, self.A)
+        # precision.linear: F.linear, computing in x's dtype when the factors are stored in bf16.
+        hidden = linear(x, self.A)
         if self.scale != 1.0:
             hidden = hidden * self.scale
-        out = F.linear(hidden, self.B)
+        out = linear(hidden, self.B)
         if self.base_weight is not None:
-            out = out + F.linear(x, self.base_weight)
+            out = out + linear(x, self.base_weight)
         if self.sparse_values is not None:
             out = out + SparseLinearFunction.apply(x, self.sparse_values, self.sparse_indices, self.out_features, self.in_features)
         if self.bias is not None:

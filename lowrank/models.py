@@ -106,12 +106,21 @@ def check_model_shape(config: PretrainedConfig | dict, where: str) -> None:
 
 
 def _require_causal_lm(config: PretrainedConfig, name: str) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UsageError(
             f"--model {name}: model_type {config.model_type!r} is not a causal language model; "
             "use a decoder config such as llama, qwen2 or gpt2"
+        )
+    # Encoders (BERT, RoBERTa, ...: the masked-LM families) have a causal-LM head too, but unless
+    # their config says is_decoder: true that model attends in both directions: it sees the token
+    # it is asked to predict and learns nothing. (GPT-NeoX also says is_decoder: false, and is causal.)
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+    if encoder and not getattr(config, "is_decoder", False):
+        raise UsageError(
+            f"--model {name}: model_type {config.model_type!r} is an encoder (is_decoder is false): its attention sees the "
+            'tokens it predicts; set "is_decoder": true in the config, or use a decoder config such as llama, qwen2 or gpt2'
         )
 
 

@@ -62,10 +62,10 @@ the supported ones.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .precision import embedding, linear
 from .seeding import cpu_generator
 
 __all__ = [
@@ -77,6 +77,7 @@ __all__ = [
     "apply",
     "fold",
     "is_osp",
+    "projections",
     "check_architecture",
 ]
 
@@ -146,7 +147,8 @@ class ProjectedEmbedding(nn.Embedding):
     projection: nn.Parameter
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.linear(super().forward(input_ids), self.projection)
+        # precision.embedding / linear: the rows and the projection in the compute dtype under bf16 storage
+        return linear(embedding(self, input_ids), self.projection)
 
 
 class ProjectedHead(nn.Linear):
@@ -157,7 +159,7 @@ class ProjectedHead(nn.Linear):
     projection: nn.Parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.projection), self.weight, self.bias)
+        return linear(linear(x, self.projection), self.weight, self.bias)
 
 
 def _norm_eps(norm: nn.Module) -> float:
@@ -244,6 +246,19 @@ def apply(model: nn.Module, *, single_scale_norm: bool = True, embedding_project
 def is_osp(model: nn.Module) -> bool:
     """Whether ``model`` holds any OSP module (single-scale norm or embedding projection)."""
     return any(isinstance(m, (SingleScaleRMSNorm, ProjectedEmbedding, ProjectedHead)) for m in model.modules())
+
+
+def projections(model: nn.Module) -> list[nn.Parameter]:
+    """The embedding projections ``P_in``, ``P_out`` of an OSP model (empty for any other model).
+
+    They are hidden ``d × d`` matrices that OSP trains with **Muon**, while the embedding and
+    head tables stay with AdamW (the OSP repository's README, "EmbProj": "These layers should be
+    optimized using the Muon optimizer rather than AdamW, which is applied to the embedding
+    matrices"). They live inside the embedding and head modules, so a grouping by module
+    ("all-linear", or "every parameter of the embedding modules is AdamW's") misses them: the
+    optimizer groups ask for them here (:func:`lowrank.methods.build.param_groups`)."""
+    return [module.projection for module in (model.get_input_embeddings(), model.get_output_embeddings())
+            if isinstance(module, (ProjectedEmbedding, ProjectedHead))] if hasattr(model, "get_input_embeddings") else []
 
 
 @torch.no_grad()

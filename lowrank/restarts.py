@@ -188,12 +188,16 @@ class RestartController:
             raise ValueError(f"reset must be one of {', '.join(RESETS)}, got {reset!r}")
         if cycle_length is not None and cycle_length <= 0:
             raise ValueError(f"cycle_length must be a positive number of steps or None, got {cycle_length!r}")
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(f"RestartController(total_steps=...) must be the run's length, a positive whole number of "
+                             f"steps, got {total_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if warmup_steps < 0 or rewarmup_steps < 0 or start_step < 0:
             raise ValueError("warmup_steps, rewarmup_steps and start_step must be >= 0")
+        if warmup_steps > total_steps:
+            raise ValueError(f"warmup_steps ({warmup_steps}) is longer than the run (total_steps={total_steps}): the "
+                             "learning rate would never reach its peak; shorten the warm-up or raise total_steps")
         if cycle_length is not None and rewarmup_steps >= cycle_length:
             raise ValueError(f"rewarmup_steps ({rewarmup_steps}) must be shorter than cycle_length ({cycle_length})")
         self.model = model

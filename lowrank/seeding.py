@@ -26,6 +26,8 @@ __all__ = [
     "STREAM_SKETCH",
     "STREAM_SPARSE_VALUES",
     "STREAM_FAKE_QUANT",
+    "STREAM_BF16_ROUNDING",
+    "device_generator",
 ]
 
 # One stream per kind of draw, so that no two kinds ever share numbers (e.g. the sparse support
@@ -39,6 +41,7 @@ STREAM_GAUSSIAN = 5
 STREAM_SKETCH = 6
 STREAM_SPARSE_VALUES = 7
 STREAM_FAKE_QUANT = 0x51  # stochastic rounding of fake-quantized activations (lowrank.quant.fake)
+STREAM_BF16_ROUNDING = 0x52  # stochastic rounding of updated bf16 parameters (lowrank.precision)
 
 _MASK64 = (1 << 64) - 1
 
@@ -63,6 +66,16 @@ def derive_seed(*keys: int) -> int:
 def cpu_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded with ``derive_seed(*keys)``."""
     return torch.Generator(device="cpu").manual_seed(derive_seed(*keys))
+
+
+def device_generator(device: torch.device | str, *keys: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``derive_seed(*keys)``: drawing on the device where the
+    tensor lives (filling a large tensor from a CPU generator and copying it over is slow). CUDA and
+    CPU generators give different streams for the same seed; each is reproducible on its own."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_generator(*keys)
+    return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -91,6 +91,14 @@ class LowRankConfig:
         check_sparse_init(self.sparse_init)
         if not self.target_modules:
             raise ValueError('target_modules is empty: name modules (e.g. ["q_proj", "v_proj"]) or use "all-linear"')
+        _check_patterns("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_patterns("exclude_modules", self.exclude_modules)
+        # every layer's seed is derive_seed(seed, i): a 63-bit non-negative integer mixes exactly. (A
+        # subclass whose default seed is None, the preset's lowrank section, fills it in later.)
+        optional = self.seed is None and next(f.default for f in fields(self) if f.name == "seed") is None
+        if not optional and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
 
     def rank_for(self, out_features: int, in_features: int) -> int:
         if self.rank is not None:
@@ -118,6 +126,15 @@ class ParameterCount:
     @property
     def total(self) -> int:
         return self.trainable + self.frozen
+
+
+def _check_patterns(name: str, value) -> None:
+    """PEFT's forms (a name or regex string, or a collection of names), checked here: PEFT itself
+    accepts anything and fails, or matches nothing, only when the model is wrapped."""
+    if isinstance(value, str) or (isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value)):
+        return
+    raise ValueError(f'{name} must be a module name pattern (a string, e.g. "all-linear") or a list of module names '
+                     f'(e.g. ["q_proj", "v_proj"]), got {value!r}')
 
 
 def match_target_modules(model: nn.Module, target_modules, exclude_modules=None) -> list[str]:

@@ -63,7 +63,7 @@ def bench(corpus, tmp_path_factory):
     data = bench_osp.main([
         "--data", corpus["data"], "--suite", SUITE, "--results", str(results), "--work", str(work),
         "--plot", str(tmp / "osp_ppl_vs_bits.png"), "--group-size", "16", "--rank", "4", "--steps", "3",
-        "--calib-tokens", "256", "--bits", "2,3",
+        "--calib-tokens", "256", "--bits", "2,3", "--epochs", "1", "--ptq-group-size", "16",
     ])
     return {"data": data, "results": results, "plot": tmp / "osp_ppl_vs_bits.png"}
 
@@ -80,8 +80,11 @@ def test_osp_json_has_every_field_and_sane_numbers(bench):
     assert len(machine["load_average"]["start"]) == 3 and len(machine["load_average"]["end"]) == 3
     settings = written["settings"]
     assert settings["eval"]["tokens"] == EVAL_TOKENS and settings["eval"]["subset"] is None
-    assert settings["ptq"]["bits"] == [2, 3] and settings["ptq"]["methods"] == ["rtn", "apiq", "apiq+saliency"]
-    assert settings["ptq"]["group_size"] == 16 and settings["ptq"]["rank"] == 4 and settings["ptq"]["steps"] == 3
+    assert settings["ptq"]["bits"] == [2, 3] and settings["ptq"]["methods"] == list(osp_report.PTQ_METHODS)
+    assert set(settings["ptq"]["group_size"]) == {"ours", "apiq"}
+    assert all(g == 16 for per_bits in settings["ptq"]["group_size"].values() for g in per_bits.values())
+    assert settings["ptq"]["rank"] == 4 and settings["ptq"]["steps"] == 3 and settings["ptq"]["epochs"] == 1
+    assert settings["ptq"]["recipes"]["apiq"]["loss"] == "mse" and "published" in settings["ptq"]["recipe_note"]
     assert set(settings["quant_eval"]["schemes"]) == set(SCHEMES)
     assert [s["label"] for s in written["skipped"]] == ["muon-lr0.001"]
     assert [r["contender"] for r in written["runs"]] == ["adamw", "osp"]  # the suite's contender order
@@ -95,6 +98,7 @@ def test_osp_json_has_every_field_and_sane_numbers(bench):
         assert run["eval"]["fp_ppl_over_training_ppl"] == pytest.approx(1.0, rel=1e-3)
         q = run["quant_eval"]
         assert finite(q["kurtosis"]) and q["kurtosis"] >= 0 and finite(q["max_abs"]) and q["max_abs"] > 0
+        assert finite(q["kurtosis_osp"]) and q["kurtosis_osp"] >= 0 and q["kurtosis_osp"] != q["kurtosis"]
         assert len(q["layers"]) == 2 and q["tokens"] == EVAL_TOKENS
         assert set(q["schemes"]) == set(SCHEMES) and set(q["gaps"]) == set(SCHEMES) - {"fp"}
         assert all(finite(row["ppl"]) and finite(row["loss"]) for row in q["schemes"].values())
@@ -105,12 +109,17 @@ def test_osp_json_has_every_field_and_sane_numbers(bench):
         ptq = run["ptq"]
         assert ptq is not None and ptq["fp_ppl"] == pytest.approx(ppl["fp"])
         assert ptq["calibration"]["tokens"] >= 256
-        assert sorted((r["bits"], r["method"]) for r in ptq["results"]) == sorted(
-            (b, m) for b in (2, 3) for m in ("rtn", "apiq", "apiq+saliency"))
+        assert sorted((r["bits"], r["variant"]) for r in ptq["results"]) == sorted(
+            (b, v) for b in (2, 3) for v in osp_report.PTQ_METHODS)
         for row in ptq["results"]:
             assert finite(row["val_ppl"]) and finite(row["gap"]) and finite(row["bits_per_weight"]["base"])
             assert row["format"].startswith(f"int{row['bits']}-g16")
             assert (row["block_error"] is None) == (row["method"] == "rtn")
+            settings_used = row["retraining"]["settings"]
+            if row["variant"].endswith("(published)"):
+                assert row["recipe"] == "apiq" and settings_used["loss"] == "mse" and row["retraining"]["steps_per_block"] == 8
+            if row["variant"].startswith("apiq+saliency"):
+                assert row["retraining"]["saliency"] == ("fisher" if row["recipe"] == "apiq" else "activation")
     # every run calibrates on the same tokens (same tokenizer, same seed)
     assert len({run["ptq"]["calibration"]["sha1"] for run in written["runs"]}) == 1
 
@@ -121,15 +130,17 @@ def test_plot_exists(bench):
 
 def test_render_block_has_both_tables_and_a_verdict_per_direction(bench):
     block = osp_report.render_block(bench["data"])
-    assert "| contender | val ppl (training) |" in block and "W4A4 gap" in block
+    assert "| contender | val ppl (training) |" in block and "W4A4 gap" in block and "excess kurtosis (OSP protocol)" in block
     assert "| bits | method | `adamw` ppl (× fp) | `osp` ppl (× fp) |" in block
-    assert "| 2 | apiq+saliency |" in block and "| 3 | rtn |" in block
+    assert "| 2 | apiq+saliency (published) |" in block and "| 2 | apiq (ours) |" in block and "| 3 | rtn |" in block
     lines = block.splitlines()
-    for claim in ("OSP has lower excess kurtosis", "OSP loses less perplexity", "ApiQ", "saliency-aware regularizer"):
+    for claim in ("OSP has lower excess kurtosis than AdamW (OSP's protocol", "OSP loses less perplexity", "ApiQ with our recipe",
+                  "ApiQ with its released recipe", "Our saliency form", "published saliency-aware regularizer"):
         line = next(line for line in lines if line.startswith("- ") and claim in line)
         assert any(word in line for word in ("reproduces", "does not reproduce", "not decided", "mixed")), line
     osp_run = next(r for r in bench["data"]["runs"] if r["contender"] == "osp")
     assert osp_report._num(osp_run["quant_eval"]["kurtosis"]) in block  # numbers come from the JSON
+    assert osp_report._num(osp_run["quant_eval"]["kurtosis_osp"]) in block
     assert "osp_ppl_vs_bits.png" in block
     assert "adamw" in osp_report.text_table(bench["data"])
 

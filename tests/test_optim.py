@@ -676,3 +676,33 @@ def test_an_unknown_group_key_is_refused_with_the_closest_option():
         ProjectedAdamW([{"params": params, "desnity": 0.5}], lr=1e-3)
     # bookkeeping keys of schedulers and of the restart controller are fine
     ProjectedAdamW([{"params": params, "group_name": "matrix", "base_lr": 1e-3, "initial_lr": 1e-3}], lr=1e-3)
+
+
+@pytest.mark.parametrize("optimizer_name", ["projected_adamw", "projected_adamw_foreach", "muon"])
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("lr", float("inf")), ("lr", -1e-3),
+                                        ("weight_decay", float("nan")), ("eps", -1.0)])
+def test_a_hyperparameter_set_to_nan_or_negative_after_construction_is_refused_at_the_step(optimizer_name, key, value):
+    """An LR schedule or user code that sets ``group["lr"] = nan`` after construction used to turn
+    every weight NaN in silence at the next step; the step now refuses it in one line, naming the
+    group and the value, before any weight moves."""
+    from lowrank.errors import UsageError
+    from lowrank.optim import Muon
+
+    params = make_params([(6, 9), (9,)])
+    if optimizer_name == "muon":
+        opt = Muon([{"params": params[:1], "use_muon": True}, {"params": params[1:], "use_muon": False}], lr=1e-3)
+    else:
+        opt = ProjectedAdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3,
+                             foreach=optimizer_name.endswith("foreach"))
+    for p, g in zip(params, make_grads([(6, 9), (9,)], 1)[0]):
+        p.grad = g
+    opt.step()
+    before = clone_params(params)
+    opt.param_groups[1][key] = value
+    with pytest.raises(UsageError, match=rf"^param_groups\[1\]: {key} must be a finite number >= 0 at the step, got "
+                                         rf"{value!r}"):
+        opt.step()
+    with pytest.raises(UsageError, match=rf"^param_groups\[1\]: {key}"):
+        opt.step_param(params[1])
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # nothing moved, not even the healthy group

@@ -145,6 +145,21 @@ def test_plain_model_merges_a_wrapped_osp_model_and_folds_it():
     torch.testing.assert_close(logits(plain, ids), logits(model, ids), rtol=1e-4, atol=1e-5)
 
 
+def test_osp_preset_trains_the_embedding_projections_with_muon():
+    """OSP's README: the projections are optimized by Muon, the embedding tables by AdamW."""
+    from lowrank.methods import apply_method, build_optimizer, load_method
+
+    model = apply_method(tiny("llama"), load_method("osp"))
+    optimizer = build_optimizer(model, load_method("osp"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in optimizer.param_groups if g["use_muon"] for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.param_groups if not g["use_muon"] for p in g["params"]}
+    assert {"model.embed_tokens.projection", "lm_head.projection"} <= muon
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= adamw and not muon & adamw
+    assert len(muon | adamw) == len(list(model.parameters()))
+    assert osp.projections(tiny("llama")) == [] and len(osp.projections(osp.apply(tiny("llama"), embedding_projection=True))) == 2
+
+
 # ---------------------------------------------------------------------- kurtosis
 
 
@@ -179,6 +194,43 @@ def test_hidden_state_statistics_hook_every_decoder_layer_output():
     assert stats["max_abs"] == max(r["max_abs"] for r in stats["layers"])
 
 
+def outlier_model():
+    """A tiny LLaMA whose residual stream carries outlier channels: channel 3 of the embedding
+    table and of every block's MLP output scaled up."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 3] *= 30
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[3] *= 40
+            layer.self_attn.o_proj.weight[7] *= 25
+    return model
+
+
+def reference_osp_kurtosis(model, ids):
+    """OSP's evaluate_kurtosis.py, written out: each sequence's tokens as a batch of length-1
+    sequences, every hidden state's mean clamped kurtosis, averaged over (sequence, state)."""
+    values = []
+    with torch.no_grad():
+        for seq in ids:
+            for hidden in model(seq.unsqueeze(1), output_hidden_states=True).hidden_states:
+                x = hidden.float()
+                values.append(((x**4).mean(-1) / x.std(-1) ** 4 - 3).relu().mean().item())
+    return sum(values) / len(values)
+
+
+def test_kurtosis_protocol_osp_is_the_reference_procedure_and_differs_from_ours(capsys):
+    model, ids = outlier_model(), tokens(3, 16, seed=4)
+    ours = hidden_state_statistics(model, [ids[:2], ids[2:]])
+    theirs = hidden_state_statistics(model, [ids[:2], ids[2:]], protocol="osp")
+    assert ours["kurtosis_protocol"] == "ours" and theirs["kurtosis_protocol"] == "osp"
+    assert len(ours["layers"]) == 2 and len(theirs["layers"]) == 3  # embedding, layer 1, final-normed last state
+    assert theirs["kurtosis"] == pytest.approx(reference_osp_kurtosis(model, ids), rel=1e-5)
+    assert ours["kurtosis"] > 3 and abs(ours["kurtosis"] - theirs["kurtosis"]) > 0.05 * ours["kurtosis"]
+    print(f"toy model with outlier channels: kurtosis ours {ours['kurtosis']:.2f}, osp protocol {theirs['kurtosis']:.2f}")
+    with pytest.raises(UsageError, match="kurtosis-protocol"):
+        hidden_state_statistics(model, [ids], protocol="paper")
+
+
 def test_evaluate_quantization_schemes_and_group_size_error():
     model, _ = train_steps(tiny("llama"), steps=20)
     result = evaluate_quantization(model, tokens(4, 16, seed=0), batch_size=2, group_size=16)
@@ -208,8 +260,10 @@ def test_quant_eval_cli_on_an_exported_osp_model(corpus, tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     load_tokenizer(corpus["tokenizer"]).save_pretrained(tmp_path / "model")
     result = quant_eval(tmp_path / "model", "--data", corpus["data"], "--json", tmp_path / "q.json", "--eval-tokens", 256,
-                        "--seq-len", 32, "--batch-size", 4, "--group-size", 32, "--device", "cpu")
+                        "--seq-len", 32, "--batch-size", 4, "--group-size", 32, "--device", "cpu",
+                        "--kurtosis-protocol", "osp")
     table = capsys.readouterr().out
+    assert result["kurtosis_protocol"] == "osp" and len(result["layers"]) == 3 and "(osp protocol)" in table
     assert "excess kurtosis" in table and "w4a4" in table and "w2" in table
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["schemes"].keys() == result["schemes"].keys() and saved["tokens"] == 256 and saved["model"]["source"] == "hf"

@@ -20,7 +20,10 @@ from lowrank.errors import UsageError
 from lowrank.integrations.peft import dense_base_model, save_peft_adapter
 from lowrank.quant import QuantFormat, fake_quantize, quantize as quantize_tensor
 from lowrank.quant.apiq import LayerStatistics, QuantizedBase, QuantizedLowRankLinear, apiq_factors, output_error
+from lowrank.quant.clipping import CLIP_INIT, LearnedClipBase, clipped_quantize
 from lowrank.quant.ptq import dequantized_model, peft_model, quantize, quantized_layers
+from lowrank.quant.recipes import RECIPES
+from lowrank.quant.saliency import FisherRegularizer, fisher_scores
 from lowrank.train import TrainConfig, pretrain
 
 GROUP, RANK = 16, 4
@@ -73,6 +76,28 @@ def test_quantized_layer_computes_q_plus_factors_and_its_state_dict_round_trips(
     torch.testing.assert_close(layer.to_lowrank_linear()(x), layer(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cannot merge"):
         layer.merge()
+
+
+# ---------------------------------------------------------------------- learned clipping
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("flat", [True, False])
+def test_clipping_at_full_range_is_rtn_and_the_frozen_codes_are_the_learned_values(symmetric, flat):
+    weight = sample(12, 32, seed=3)
+    fmt = QuantFormat("int", 2, GROUP, symmetric=symmetric, flat=flat)
+    rtn = quantize_tensor(weight, fmt)
+    full = torch.full(rtn.scale.shape, 40.0)  # σ(40) = 1 in float32: no clipping
+    values, codes = clipped_quantize(weight, fmt, full, full)
+    assert torch.equal(codes.codes, rtn.codes) and torch.allclose(codes.scale, rtn.scale)
+    assert (codes.zero is None) == symmetric and (symmetric or torch.equal(codes.zero, rtn.zero))
+    torch.testing.assert_close(values, fake_quantize(weight, fmt))
+    base = LearnedClipBase(weight, fmt)
+    assert base.up.shape == rtn.scale.shape and float(base.up.detach().flatten()[0]) == CLIP_INIT
+    (base.weight() - weight).square().sum().backward()  # the gradient reaches the bound factors (through s)
+    assert base.up.grad.abs().sum() > 0 and base.low.grad.abs().sum() > (0 if not symmetric else -1)
+    frozen = base.freeze()
+    assert isinstance(frozen, QuantizedBase) and torch.equal(frozen.weight(), base.weight().detach())
 
 
 # ---------------------------------------------------------------------- ApiQ's closed form
@@ -193,6 +218,99 @@ def test_retraining_lowers_every_block_loss(trained, method, saliency):
         penalties = [row["regularizer"] for row in block["history"]]
         assert (penalties == [None] * 12) if method == "apiq" else all(p > 0 for p in penalties)
     assert report["retraining"]["saliency"] == (None if method == "apiq" else saliency)
+
+
+def test_learned_clipping_lowers_the_2bit_block_error_vs_frozen_rtn_codes(trained, capsys):
+    """ApiQ's learned clipping, trained with the factors, against frozen round-to-nearest codes:
+    the same init, steps and batches; every block's output error ends lower (2 bits, groups of 16)."""
+    model, calibration, _ = trained
+    common = options(steps=40, lr=3e-3)
+    _, frozen = quantize(model, calibration, method="apiq", clipping="frozen", **common)
+    learned_model, learned = quantize(model, calibration, method="apiq", clipping="learned", **common)
+    assert learned["retraining"]["settings"]["clipping"] == "learned" and frozen["retraining"]["settings"]["clipping"] == "frozen"
+    finals = [(f["final"], l["final"]) for f, l in zip(frozen["blocks"], learned["blocks"])]
+    with capsys.disabled():
+        print("\n2-bit block output error, frozen RTN codes vs learned clipping: "
+              + ", ".join(f"block {i}: {f:.4f} vs {l:.4f}" for i, (f, l) in enumerate(finals)))
+    assert all(l < f for f, l in finals)
+    assert learned["calibration_loss"]["quantized"] < frozen["calibration_loss"]["quantized"]
+    # The learned clipping is stored as integer codes: no full-precision weight or logits remain.
+    state = learned_model.state_dict()
+    assert not [k for k in state if k.endswith((".full", ".up", ".low"))] and any(k.endswith("codes") for k in state)
+    layer = learned_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.quantized_base, QuantizedBase)
+    assert not torch.equal(layer.quantized_base.weight(), fake_quantize(model.model.layers[0].self_attn.q_proj.weight.detach(),
+                                                                        layer.quantized_base.fmt))
+
+
+def test_published_saliency_is_the_default_fisher_weight_preservation(trained):
+    """The published regularizer: λ Σ g²·(Q(W) − W)² on the learned-clipping Q(W) before LoRA,
+    trained alone in the first 75% of the steps (the factors do not move there), then the output
+    loss alone; g² the per-sequence squared gradients."""
+    model, calibration, _ = trained
+    steps = 8
+    quantized, report = quantize(model, calibration, **options(steps=steps, lr=3e-3))
+    assert report["method"] == "apiq+saliency" and report["retraining"]["saliency"] == "fisher"
+    assert report["retraining"]["settings"]["weight_preservation"] == 0.75
+    for block in report["blocks"]:
+        phases = [row["phase"] for row in block["history"]]
+        assert phases == ["weight"] * 6 + ["output"] * 2
+        assert all(row["loss"] is None and row["regularizer"] > 0 for row in block["history"][:6])
+        assert all(row["loss"] > 0 and row["regularizer"] is None for row in block["history"][6:])
+        weights = [row["regularizer"] for row in block["history"][:6]]
+        assert weights[-1] < weights[0]  # weight preservation lowers Σ g²(Q − W)²
+    # g²: the sum over calibration sequences of each sequence's squared gradient.
+    name = "model.layers.1.mlp.down_proj"
+    fisher = fisher_scores(model, [name], [calibration[:3]])[name]
+    weight = model.get_submodule(name).weight
+    expected = torch.zeros_like(weight)
+    for row in calibration[:3]:
+        grad, = torch.autograd.grad(model(input_ids=row[None], labels=row[None]).loss, weight)
+        expected += grad.square()
+    torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=1e-12)
+    # R itself, on a learned-clipping layer: Σ F (Q(W) − W)², independent of the factors.
+    layer = QuantizedLowRankLinear.from_linear(model.get_submodule(name), RANK, QuantFormat("int", 2, GROUP, symmetric=False),
+                                               clipping="learned")
+    with torch.no_grad():
+        layer.B.normal_()
+    penalty = FisherRegularizer({"down": layer}, {"down": fisher})()
+    q_weight = clipped_quantize(weight.detach(), layer.quantized_base.fmt, layer.quantized_base.up, layer.quantized_base.low)[0]
+    torch.testing.assert_close(penalty, (fisher * (q_weight - weight.detach()).square()).sum())
+    penalty.backward()
+    assert layer.B.grad is None and layer.quantized_base.up.grad.abs().sum() > 0
+    with pytest.raises(UsageError, match="learned clipping"):
+        quantize(model, calibration, **options(steps=2, clipping="frozen"))
+
+
+def test_our_saliency_form_stays_a_named_alternative(trained):
+    model, calibration, _ = trained
+    _, report = quantize(model, calibration, saliency="activation", **options(steps=4, clipping="frozen"))
+    assert report["retraining"]["saliency"] == "activation"
+    for block in report["blocks"]:  # added to the output loss at every step
+        assert all(row["phase"] == "output" and row["loss"] > 0 and row["regularizer"] > 0 for row in block["history"])
+
+
+def test_recipe_apiq_is_the_released_configuration(trained):
+    model, calibration, _ = trained
+    apiq = RECIPES["apiq"]
+    assert (apiq.epochs, apiq.lr, apiq.weight_decay, apiq.scale, apiq.loss, apiq.group_size[2]) == (20, 5e-4, 0.1, 0.25, "mse", 64)
+    assert (apiq.calib_tokens, apiq.batch_size, apiq.clip_lr, apiq.clip_weight_decay) == (128 * 2048, 1, 5e-3, 0.1)
+    assert (apiq.schedule, apiq.grad_clip, apiq.init, apiq.aug_loss, apiq.clipping) == ("constant", None, "lora", True, "learned")
+    ours = RECIPES["ours"]
+    assert (ours.steps, ours.lr, ours.scale, ours.loss, ours.group_size[2], ours.init) == (200, 1e-3, 1.0, "relative", 128, "closed_form")
+    # 2 epochs over the 16 calibration sequences, one per step: 32 steps per block; group 64 at 2 bits.
+    _, report = quantize(model, calibration[:16], bits=2, rank=RANK, recipe="apiq", method="apiq", epochs=2)
+    assert report["recipe"] == "apiq" and report["group_size"] == 64 and report["format"] == "int2-g64-asym"
+    assert report["calibration"]["batches"] == 16 and report["retraining"]["steps_per_block"] == 32
+    assert report["alpha"] == RANK * 0.25 and report["retraining"]["lr"] == 5e-4
+    init = [row for name, row in report["layers"].items()]
+    assert all(row["apiq_error"] == pytest.approx(row["rtn_error"], rel=0.5) for row in init)  # B = 0: the base alone
+    for block in report["blocks"]:
+        assert len(block["history"]) == 32 and block["final"] < block["initial"]
+    with pytest.raises(UsageError, match="--recipe"):
+        quantize(model, calibration, bits=2, recipe="omniquant")
+    with pytest.raises(UsageError, match="unknown option"):
+        quantize(model, calibration, bits=2, epoch=3)
 
 
 def test_export_is_a_plain_dense_model_and_a_peft_adapter_with_the_same_logits(trained, tmp_path):

@@ -17,6 +17,33 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def pick_device(choice: str):
+    """``--device auto | cpu | cuda`` as a ``torch.device``; ``cuda`` without a CUDA device is a UsageError."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# How long a rank other than 0 waits, after a user error, before it exits (see _let_rank_zero_speak).
+_RANK_ZERO_GRACE_S = 10.0
+
+
+def _let_rank_zero_speak(message: str) -> None:
+    """Under torchrun the first rank to exit non-zero makes torchrun kill the others: a rank > 0
+    that fails first (rank 0 being slower, e.g. on a busy machine) would kill rank 0 before it
+    printed the one line. So a rank > 0 waits; normally rank 0 fails the same way meanwhile and
+    torchrun ends this process. If it is still alive after the grace period, the error was its own
+    (rank 0 did not meet it): it says so itself."""
+    import time
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    time.sleep(_RANK_ZERO_GRACE_S)
+    print(f"{message} (rank {os.environ.get('RANK')})", file=sys.stderr)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2."""
 
@@ -83,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UsageError as error:
+        message = f"lowrank {args.command}: error: {' '.join(str(error).split())}"
         if _is_rank_zero():
-            print(f"lowrank {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+            print(message, file=sys.stderr)
+        elif argv is None:  # this process is the command (python -m lowrank, torchrun): it exits next
+            _let_rank_zero_speak(message)
         return 2
     except KeyboardInterrupt:
         print(f"lowrank {args.command}: interrupted", file=sys.stderr)

@@ -57,9 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "PowerSGD's start_powerSGD_iter; default: the schedule's warm-up)")
     add("--dist-timeout", type=float, default=defaults.dist_timeout,
         help="seconds a rank waits for the others before the run ends with a message naming the rank that stopped")
-    add("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed"], help="auto: bf16 autocast on GPU, fp32 on CPU")
+    from ..precision import PARAM_DTYPES, PRECISIONS
+
+    add("--param-dtype", default=None, choices=list(PARAM_DTYPES),
+        help="storage of parameters and gradients (default: the preset's training.param_dtype, fp32). bf16: the optimizer "
+             "computes in fp32 per tensor and writes back with stochastic rounding (training.bf16_rounding)")
+    add("--precision", default="auto", choices=list(PRECISIONS),
+        help="compute dtype. auto: with --param-dtype fp32, bf16 autocast on GPU and fp32 on CPU; with --param-dtype bf16, "
+             "bf16 on GPU and fp32 computed from the bf16 storage on CPU (CPUs here have no fast bf16 matmul). "
+             "fp32 / bf16 force it; bf16-mixed: autocast over fp32 storage")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--activation-checkpointing", action="store_true",
+        help="recompute every decoder layer in backward (non-reentrant): keeps one input per layer instead of its "
+             "activations, for one extra forward per layer")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--no-plot", action="store_true", help="skip the loss-curve PNG")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -67,8 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items as dotted overrides; each value is read as YAML (``0.1``, ``true``, ``[0.9, 0.95]``)."""
+    """``--set KEY=VALUE`` items as dotted overrides; each value is read as YAML (``0.1``, ``5e-3``, ``true``,
+    ``[0.9, 0.95]``), as a preset file is."""
     import yaml
+
+    from ..methods.presets import read_yaml
 
     overrides = {}
     for item in items:
@@ -76,7 +90,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"--set {item}: expected KEY=VALUE, e.g. --set optimizer.lr=0.001")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
+            overrides[key.strip()] = read_yaml(value)
         except yaml.YAMLError:
             raise UsageError(f"--set {item}: the value is not valid YAML; quote a string, e.g. --set 'key=\"text\"'") from None
     return overrides

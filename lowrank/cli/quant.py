@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from . import pick_device
+from ..run.config import check_writable_file, check_writable_folder
 
 __all__ = [
     "load_model_for_quant",
@@ -46,12 +48,6 @@ def _is_hf_folder(path: Path) -> bool:
         return "model_type" in json.loads((path / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         return False
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def load_model_for_quant(path: str, *, tokenizer: str | None = None, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
@@ -85,7 +81,7 @@ def load_model_for_quant(path: str, *, tokenizer: str | None = None, device: str
     vocab, rows = len(tok), model.get_input_embeddings().num_embeddings
     if vocab != rows:
         raise UsageError(f"tokenizer {tokenizer_source}: {vocab} tokens for an embedding of {rows} rows; pass the model's own with --tokenizer")
-    model = plain_model(model, inplace=True).to(_device(device)).eval()  # just loaded: nothing else holds it
+    model = plain_model(model, inplace=True).to(pick_device(device)).eval()  # just loaded: nothing else holds it
     return model, tok, {"source": source, "path": str(folder), "tokenizer": str(tokenizer_source), "seq_len": seq_len}
 
 
@@ -120,6 +116,27 @@ def _seq_len(args: argparse.Namespace, model: nn.Module, info: dict) -> int:
     return seq_len
 
 
+def _check_group_size(model: nn.Module, group_size: int, flat: bool) -> None:
+    """``--group-size`` splits every quantized layer's weight into whole groups (the linear layers
+    but the output head, :mod:`lowrank.quant.evaluate`), said in terms of the flags, before any data work."""
+    head = model.get_output_embeddings()
+    shapes = {name: m.weight.shape for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    sizes = {name: (shape.numel() if flat else shape[-1]) for name, shape in shapes.items()}
+    bad = next((name for name, size in sizes.items() if size % group_size), None)
+    if bad is not None:
+        fits = math.gcd(*sizes.values())
+        unit = "entries" if flat else "input channels"
+        hint = "" if flat else ", or --flat-groups (groups of the flattened weight, which may span rows)"
+        raise UsageError(f"--group-size {group_size} does not divide the {sizes[bad]} {unit} of {bad}; use a divisor of "
+                         f"{fits} (e.g. --group-size {fits}){hint}")
+
+
+def _check_json(path: str | None) -> None:
+    """``--json`` can be written: checked before the evaluation, not after it."""
+    if path:
+        check_writable_file(Path(path), "--json")
+
+
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         target = Path(path)
@@ -140,7 +157,12 @@ def _load_data(args: argparse.Namespace, tokenizer_source: str, seq_len: int, va
 def add_quant_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lowrank quant-eval RUN_OR_EXPORTED_DIR --data CORPUS [...]``."""
     _common_arguments(parser)
+    from ..quant.evaluate import KURTOSIS_PROTOCOLS
+
     parser.add_argument("--eval-tokens", type=int, default=65_536, help="validation tokens (spread over the validation split)")
+    parser.add_argument("--kurtosis-protocol", default=KURTOSIS_PROTOCOLS[0], choices=list(KURTOSIS_PROTOCOLS),
+                        help="ours: decoder layer outputs, full context; osp: OSP's evaluate_kurtosis.py (each token alone, "
+                             "embedding output + layers 1..L-1 + final-normed last state)")
 
 
 def run_quant_eval(args: argparse.Namespace) -> dict:
@@ -150,11 +172,13 @@ def run_quant_eval(args: argparse.Namespace) -> dict:
 
     for option in ("batch_size", "group_size", "eval_tokens"):
         _positive(getattr(args, option), f"--{option.replace('_', '-')}")
+    _check_json(args.json)
     model, _, info = load_model_for_quant(args.model, tokenizer=args.tokenizer, device=args.device)
+    _check_group_size(model, args.group_size, args.flat_groups)
     seq_len = _seq_len(args, model, info)
     data = _load_data(args, info["tokenizer"], seq_len, args.eval_tokens)
     result = evaluate_quantization(model, data.valid, batch_size=args.batch_size, group_size=args.group_size,
-                                   flat=args.flat_groups)
+                                   flat=args.flat_groups, kurtosis_protocol=args.kurtosis_protocol)
     result = {"model": info, "data": args.data, **result}
     print(format_quant_eval(result))
     _write_json(args.json, result)
@@ -166,19 +190,29 @@ def run_quant_eval(args: argparse.Namespace) -> dict:
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lowrank quantize RUN_OR_EXPORTED_DIR --bits B --data CORPUS --out DIR [...]``."""
-    from ..quant.ptq import DEFAULT_LAMBDA, DEFAULT_LR, DEFAULT_STEPS, METHODS, SALIENCY
+    from ..quant.clipping import CLIPPINGS
+    from ..quant.ptq import METHODS, RECIPES, SALIENCY
 
     _common_arguments(parser)
+    parser.set_defaults(group_size=None)  # quantize: the recipe's group size for --bits
     add = parser.add_argument
     add("--bits", type=int, required=True, help="weight bits: 2, 3, 4 or 8")
     add("--out", required=True, help="folder to write the quantized model to (dense Hugging Face model + quantize.json)")
     add("--method", default=METHODS[0], help=f"{', '.join(METHODS)} (default {METHODS[0]})")
+    add("--recipe", default=next(iter(RECIPES)), choices=list(RECIPES),
+        help="named settings every option below defaults to: ours, or apiq (ApiQ's released 2-bit script: 20 epochs x 128 "
+             "samples, lr 5e-4 wd 0.1, LoRA scale 0.25, group 64 at 2 bits, MSE); lowrank.quant.recipes lists them")
     add("--rank", type=int, default=64, help="rank of the low-rank factors")
-    add("--calib-tokens", type=int, default=65_536, help="calibration tokens (drawn from the training split)")
-    add("--steps", type=int, default=DEFAULT_STEPS, help="retraining steps per decoder block (ApiQ methods; 0: closed-form init only)")
-    add("--lr", type=float, default=DEFAULT_LR, help="retraining learning rate")
-    add("--saliency-lambda", type=float, default=DEFAULT_LAMBDA, help="weight of the saliency-aware regularizer")
-    add("--saliency", default=SALIENCY[0], choices=list(SALIENCY), help="saliency: |W|·‖X_j‖ (activation) or |W·∂L/∂W| (gradient)")
+    add("--calib-tokens", type=int, default=None, help="calibration tokens from the training split (default: the recipe's)")
+    add("--calib-batch-size", type=int, default=None, help="calibration sequences per retraining step (default: the recipe's)")
+    add("--steps", type=int, default=None, help="retraining steps per decoder block (default: the recipe's; 0: initialisation only)")
+    add("--epochs", type=int, default=None, help="retraining epochs over the calibration batches, instead of --steps")
+    add("--lr", type=float, default=None, help="retraining learning rate of the factors (default: the recipe's)")
+    add("--clipping", default=None, choices=list(CLIPPINGS), help="learned (ApiQ's per-group clipping) or frozen RTN codes")
+    add("--saliency-lambda", type=float, default=None, help="weight of the saliency-aware regularizer (default: the recipe's)")
+    add("--saliency", default=None, choices=list(SALIENCY),
+        help="fisher (published: g²·(Q(W)−W)² in the first weight-preservation steps; default), or ours on Q+sBA at every "
+             "step with |W|·‖X_j‖ (activation) or |W·∂L/∂W| (gradient)")
     add("--symmetric", action="store_true", help="symmetric absmax grid instead of min-max with a zero point")
     add("--eval-tokens", type=int, default=32_768, help="validation tokens to compare full precision and quantized (0: skip)")
     add("--peft", action="store_true", help="also write a PEFT LoRA adapter over the dequantized base (DIR/peft/)")
@@ -190,25 +224,30 @@ def run_quantize(args: argparse.Namespace) -> dict:
     """Quantize (:func:`lowrank.quant.ptq.quantize`), export (:func:`lowrank.quant.ptq.export_quantized`),
     and print the calibration and validation losses; writes ``--json``."""
     from ..quant.evaluate import validation_loss
-    from ..quant.ptq import export_quantized, quantize
+    from ..quant.ptq import RECIPES, export_quantized, quantize
     from ..quant.formats import INT_BITS
 
     if isinstance(args.bits, bool) or args.bits not in INT_BITS:
         raise UsageError(f"--bits must be one of {', '.join(map(str, INT_BITS))}, got {args.bits!r}")
-    for option in ("batch_size", "group_size", "calib_tokens"):
-        _positive(getattr(args, option), f"--{option.replace('_', '-')}")
+    calib_tokens = RECIPES[args.recipe].calib_tokens if args.calib_tokens is None else args.calib_tokens
+    for option, value in (("batch_size", args.batch_size), ("group_size", args.group_size), ("calib_tokens", calib_tokens),
+                          ("calib_batch_size", args.calib_batch_size)):
+        if value is not None:
+            _positive(value, f"--{option.replace('_', '-')}")
     out = Path(args.out)
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not empty; pick a new folder, or pass --overwrite to replace it")
+    check_writable_folder(out, "--out")
+    _check_json(args.json)
     model, tok, info = load_model_for_quant(args.model, tokenizer=args.tokenizer, device=args.device)
     seq_len = _seq_len(args, model, info)
     data = _load_data(args, info["tokenizer"], seq_len, args.eval_tokens or seq_len)
-    count = math.ceil(args.calib_tokens / (args.batch_size * seq_len))
+    count = math.ceil(calib_tokens / (args.batch_size * seq_len))
     calibration = torch.cat([next(data.train) for _ in range(count)])
     quantized, report = quantize(
-        model, calibration, bits=args.bits, group_size=args.group_size, flat=args.flat_groups, rank=args.rank, method=args.method,
-        steps=args.steps, lr=args.lr, reg_lambda=args.saliency_lambda, saliency=args.saliency,
-        symmetric=args.symmetric, batch_size=args.batch_size, seed=args.seed,
+        model, calibration, bits=args.bits, recipe=args.recipe, group_size=args.group_size, flat=args.flat_groups, rank=args.rank,
+        method=args.method, steps=args.steps, epochs=args.epochs, lr=args.lr, reg_lambda=args.saliency_lambda, saliency=args.saliency,
+        clipping=args.clipping, symmetric=args.symmetric, batch_size=args.calib_batch_size, seed=args.seed,
     )
     if args.eval_tokens:
         valid = [b.to(next(model.parameters()).device) for b in data.valid.split(args.batch_size)]
@@ -219,7 +258,7 @@ def run_quantize(args: argparse.Namespace) -> dict:
     report["export"] = export_quantized(quantized, out, tokenizer=tok, report=report, peft=args.peft, overwrite=args.overwrite)
     calib = report["calibration_loss"]
     print(f"quantized {report['layers_quantized']} layers of {info['path']} to {report['format']} "
-          f"(rank {report['rank']}, {report['bits_per_weight']['base']:.3f} bits/weight + factors) with {report['method']}: "
+          f"(rank {report['rank']}, {report['bits_per_weight']['base']:.3f} bits/weight + factors) with {report['method']} ({report['recipe']} recipe): "
           f"calibration loss {calib['full_precision']:.4f} (full precision) -> {calib['quantized']:.4f}")
     if report["blocks"]:
         initial = sum(b["initial"] for b in report["blocks"]) / len(report["blocks"])

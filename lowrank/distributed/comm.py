@@ -39,7 +39,8 @@ for ``w`` ranks. 1-bit Adam's compressed all-reduce is counted the same way (its
 plus scales, :mod:`.onebit`), and its scatter/gather moves exactly ``2(w − 1)/w`` of that. Bytes
 are counted when the collective is issued, per bucket, and a step closes with the last bucket of
 the backward pass (``GradBucket.is_last()``; with ``onebit``, when the optimizer has sent its
-momentum, so the gradients of a step whose ``optimizer.step()`` is skipped count with the next).
+momentum, and with ``projected`` after the optimizer step, which may broadcast refreshed bases: so
+the gradients of a step whose ``optimizer.step()`` is skipped count with the next).
 DDP's broadcast of the weights at construction is not counted (it is not per step).
 
 **Projected gradients** (``kind="projected"``; no peer library does this). A GaLore-style
@@ -52,14 +53,23 @@ into the bucket, which the optimizer projects again: ``Pᵀ(P R̄) = R̄`` becau
 orthonormal columns (SVD or QR; to fp32 rounding, ~1e-7 relative), so the optimizer's moments
 and update equal those of uncompressed DDP up to float reduction order. On a refresh step (the
 parameter's ``total_step`` a multiple of ``update_proj_gap``, and its first step) the full ``G`` is
-all-reduced: the optimizer computes the new ``P`` from the averaged ``G``, so every rank holds the
-same ``P`` without sending it. Design choice: the back-projection (one ``m·n·r`` matmul, as costly
+all-reduced and every rank computes the new ``P`` from the averaged ``G``; since an SVD is defined
+up to the sign of each singular vector and two ranks' LAPACK calls may round differently, rank 0's
+refreshed matrices, ``P`` and moments are then broadcast to all (:meth:`_ProjectedHook.share_refreshed`,
+an optimizer step post-hook; ``m·n + r·min(m, n) + 2r·max(m, n)`` entries per refreshed matrix,
+counted under ``basis``), so the ranks stay bit-identical. Design choice: the back-projection (one ``m·n·r`` matmul, as costly
 as the optimizer's own projection) keeps the optimizer untouched and its ``p.grad`` a gradient;
 handing ``R̄`` to the optimizer directly would save that matmul but needs an optimizer hook.
 
-Side effects of what ``p.grad`` then holds for the projected matrices: ``P R̄``, the in-subspace
-part of the mean gradient. A global-norm clip (``clip_grad_norm_``) sees ``‖R̄‖ ≤ ‖Ḡ‖`` for them,
-so it engages later than with uncompressed DDP; the norm is still the same on every rank.
+**Gradient clipping differs from plain DDP** between refreshes: ``p.grad`` holds ``P R̄``, the
+in-subspace part of the mean gradient, so a global-norm clip (``clip_grad_norm_``) sees
+``‖P R̄‖ ≤ ‖Ḡ‖`` for these matrices (``‖Ḡ‖² = ‖P R̄‖² + ‖Ḡ − P PᵀḠ‖²``) and engages later than with
+uncompressed DDP (on refresh steps it sees ``‖Ḡ‖``); the norm is the same on every rank. This is
+not made exact: the residual of the mean gradient is the mean of the ranks' residuals, and its
+norm needs their inner products, i.e. the residuals themselves (a per-rank squared norm gives
+``mean‖r_i‖² ≥ ‖mean r_i‖²``, another approximation). Without clipping (``training.grad_clip=0``)
+the optimizer's steps equal plain DDP's; with it, expect small differences (``galore``, clip 1.0,
+tiny model: logged norm 1.33 vs 1.68, losses within 7e-3 after 10 steps).
 
 Parameters whose update needs the full gradient are sent in full, every step, and listed in
 :attr:`CommStats.sent_full` with the reason (the rest of the method keeps its savings): Fira's
@@ -89,9 +99,7 @@ state and resume exactly). Save ``stats.state_dict()`` with the trainer state to
 ``bytes_total`` across a resume.
 """
 
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,8 +108,10 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-from ..optim import ProjectedAdamW
+from ..optim import ProjectedAdamW, projector_refresh_due
 from ..optim import projection as proj
+from .onebit import OneBitAdam, onebit_hook
+from .wire import CommStats, Piece, full_piece, reduce_pieces, ring_bytes
 
 __all__ = ["KINDS", "POWERSGD_DEFAULTS", "CommStats", "Piece", "full_piece", "projected_hook", "reduce_pieces",
            "register_comm_hook", "ring_bytes"]
@@ -112,126 +122,6 @@ POWERSGD_DEFAULTS: dict[str, Any] = {"matrix_approximation_rank": 4, "start_powe
 
 # Projections whose update uses only R between refreshes (GaLore), and so can travel projected.
 _LINEAR_PROJECTIONS = ("svd", "randomized")
-
-
-def ring_bytes(counted: int, world_size: int) -> float:
-    """Bytes a rank actually sends for a ring all-reduce of ``counted`` bytes: ``2(w − 1)/w`` of it."""
-    return 2.0 * (world_size - 1) / world_size * counted if world_size > 1 else 0.0
-
-
-class CommStats:
-    """Bytes this rank hands to collectives, per training step.
-
-    ``bytes_last_step`` / ``bytes_total`` / ``log`` (bytes of every closed step, in order),
-    ``detail_last_step`` (the last step's bytes by what they carried: ``full`` gradient entries,
-    ``projected`` GaLore ``R``, ``low_rank`` PowerSGD ``P``/``Q``, ``signs`` / ``scales`` of 1-bit
-    Adam), ``buckets_last_step``, and ``sent_full`` (``projected`` only: parameter name → why it
-    travels in full). The counting convention is in the module docstring; :func:`ring_bytes` turns
-    a count into a ring all-reduce's per-rank traffic.
-    """
-
-    def __init__(self, kind: str, world_size: int) -> None:
-        self.kind = kind
-        self.world_size = world_size
-        self.bytes_total = 0
-        self.log: list[int] = []
-        self.detail_last_step: dict[str, int] = {}
-        self.buckets_last_step = 0
-        self.sent_full: dict[str, str] = {}
-        self._open: Counter[str] = Counter()
-        self._buckets = 0
-
-    @property
-    def bytes_last_step(self) -> int:
-        return self.log[-1] if self.log else 0
-
-    @property
-    def steps(self) -> int:
-        return len(self.log)
-
-    def add(self, nbytes: int, what: str = "full") -> None:
-        """Count ``nbytes`` sent in the step now open, under ``what``."""
-        self._open[what] += int(nbytes)
-
-    def bucket_done(self) -> None:
-        self._buckets += 1
-
-    def end_step(self) -> None:
-        """Close the open step (called by the hooks, or by 1-bit Adam's ``step``)."""
-        total = sum(self._open.values())
-        self.log.append(total)
-        self.bytes_total += total
-        self.detail_last_step = dict(self._open)
-        self.buckets_last_step = self._buckets
-        self._open.clear()
-        self._buckets = 0
-
-    def record(self) -> dict[str, int]:
-        """What the training loop logs per step: ``comm_bytes`` (last step) and ``comm_bytes_total``."""
-        return {"comm_bytes": self.bytes_last_step, "comm_bytes_total": self.bytes_total}
-
-    def state_dict(self) -> dict[str, int]:
-        return {"bytes_total": self.bytes_total}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue ``bytes_total`` (the per-step ``log`` starts empty)."""
-        self.bytes_total = int(state["bytes_total"])
-
-
-def _ready(tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(tensor)
-    return fut
-
-
-@dataclass
-class Piece:
-    """One parameter's share of a bucket's all-reduce: ``send`` (this rank's contribution, in the
-    bucket's dtype), ``receive`` (called with the averaged ``send``-sized slice) and what it
-    carries (a :class:`CommStats` category)."""
-
-    send: torch.Tensor
-    receive: Callable[[torch.Tensor], Any]
-    what: str = "full"
-
-
-def full_piece(grad: torch.Tensor) -> Piece:
-    """The gradient itself, sent and received in full."""
-    return Piece(grad.reshape(-1), lambda mean, grad=grad: grad.copy_(mean.view_as(grad)))
-
-
-def reduce_pieces(
-    bucket: dist.GradBucket, pieces: list[Piece] | None, group: dist.ProcessGroup, stats: CommStats, *,
-    close_step: bool = True,
-) -> torch.futures.Future[torch.Tensor]:
-    """All-reduce (mean) the ``pieces`` of ``bucket`` as one flat buffer, count its bytes, and
-    return a future of the bucket once every piece has received its mean. ``None``: the whole
-    bucket, in place (PyTorch's ``allreduce_hook``); gradients in no piece stay as they are
-    (local). With ``close_step`` the last bucket of the backward closes the step."""
-    buffer = bucket.buffer()
-    stats.bucket_done()
-    if pieces is None:
-        stats.add(buffer.numel() * buffer.element_size())
-        future = default_hooks.allreduce_hook(group, bucket)
-    elif pieces:
-        send = torch.cat([piece.send.reshape(-1).to(buffer.dtype) for piece in pieces])
-        for piece in pieces:
-            stats.add(piece.send.numel() * buffer.element_size(), piece.what)
-        send.div_(group.size())
-
-        def unpack(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-            mean, offset = fut.value()[0], 0
-            for piece in pieces:
-                piece.receive(mean[offset : offset + piece.send.numel()])
-                offset += piece.send.numel()
-            return buffer
-
-        future = dist.all_reduce(send, group=group, async_op=True).get_future().then(unpack)
-    else:
-        future = _ready(buffer)
-    if close_step and bucket.is_last():
-        stats.end_step()
-    return future
 
 
 # ---------------------------------------------------------------------- PyTorch's hooks, counted
@@ -327,12 +217,17 @@ class _ProjectedHook:
         self.group = group
         self.stats = stats
         self.projected: dict[int, dict[str, Any]] = {}
+        # every matrix whose basis the optimizer computes from the gradient (Fira's too), in optimizer order
+        self.from_gradient: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        self.refreshing: list[torch.Tensor] = []
         for options in optimizer.param_groups if isinstance(optimizer, ProjectedAdamW) else []:
             if options["projection"] is None:
                 continue
             for p in options["params"]:
                 if p.dim() != 2:
                     continue
+                if options["projection"] in _LINEAR_PROJECTIONS:
+                    self.from_gradient.append((p, options))
                 reason = _full_gradient_reason(p, options)
                 if reason is None:
                     self.projected[id(p)] = options
@@ -343,16 +238,48 @@ class _ProjectedHook:
             raise ValueError(f"--comm projected needs GaLore-style projection (ProjectedAdamW with projection 'svd' or "
                              f"'randomized' on 2-D parameters): this optimizer has none ({why}); use --comm bf16 or powersgd")
 
-    def basis(self, p: torch.Tensor) -> torch.Tensor | None:
+    def basis(self, p: torch.Tensor, options: dict[str, Any] | None = None) -> torch.Tensor | None:
         """``P`` the optimizer will use at its next step, or ``None`` when that step refreshes it
         (first step, or ``total_step`` a multiple of ``update_proj_gap``, as ProjectedAdamW decides)."""
-        from ..optim.adamw import projector_refresh_due
-
-        options = self.projected.get(id(p))
+        options = options or self.projected.get(id(p))
         state = self.optimizer.state.get(p) if options is not None else None
         if not state or projector_refresh_due(p, options, state):
             return None
         return state["projector"]
+
+    def note_refreshes(self) -> None:
+        """Before an optimizer step: the matrices whose basis it will refresh."""
+        self.refreshing = [p for p, options in self.from_gradient if self.basis(p, options) is None]
+
+    def share_refreshed(self) -> None:
+        """After an optimizer step that refreshed bases: every rank takes rank 0's refreshed
+        matrices, their new ``P`` and their moments (one broadcast).
+
+        Each rank computes ``P`` from the same averaged gradient, but an SVD is defined up to the
+        sign of each singular vector, and a rounding-level difference between the ranks' LAPACK
+        (threads, GPU kernels) can flip one: the ranks' updates then differ (the moments live in
+        the old basis) and never meet again. The broadcast, once per refresh (``m·n`` plus ``P``
+        and the moments per matrix, every ``update_proj_gap`` steps), keeps them bit-identical; it
+        is counted under ``basis``. Called by the optimizer's step post-hook, which also closes
+        the step's byte count (a skipped step counts with the next)."""
+        due, self.refreshing = self.refreshing, []
+        tensors = []
+        for p in due:
+            state = self.optimizer.state.get(p, {})
+            tensors += [p.data] + [state[key] for key in sorted(state) if torch.is_tensor(state[key])]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        group = self.group or dist.group.WORLD
+        for same in by_dtype.values():  # one broadcast per dtype (moments may be quantized codes)
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.broadcast(flat, group=group, group_src=0)
+            self.stats.add(flat.numel() * flat.element_size(), "basis")
+            offset = 0
+            for t in same:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+        self.stats.end_step()
 
     def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         pieces: list[Piece] = []
@@ -368,7 +295,8 @@ class _ProjectedHook:
 
             pieces.append(Piece(low, receive, "projected"))
         whole = all(piece.what == "full" for piece in pieces)
-        return reduce_pieces(bucket, None if whole else pieces, self.group or dist.group.WORLD, self.stats)
+        return reduce_pieces(bucket, None if whole else pieces, self.group or dist.group.WORLD, self.stats,
+                             close_step=False)
 
 
 def projected_hook(state: _ProjectedHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -412,8 +340,6 @@ def register_comm_hook(
     module = ddp.module if ddp is not None else ddp_model
     names = {id(p): name for name, p in module.named_parameters()}
     if kind == "onebit":
-        from .onebit import OneBitAdam, onebit_hook
-
         if not isinstance(optimizer, OneBitAdam):
             raise ValueError(f"--comm onebit needs the optimizer built as lowrank.distributed.onebit.OneBitAdam, "
                              f"got {type(optimizer).__name__}")
@@ -425,6 +351,9 @@ def register_comm_hook(
             raise ValueError("--comm projected needs the optimizer (register_comm_hook(..., optimizer=...))")
         stats = CommStats(kind, world)
         state, hook = _ProjectedHook(optimizer, names, process_group, stats), projected_hook
+        if ddp is not None:
+            optimizer.register_step_pre_hook(lambda *_: state.note_refreshes())
+            optimizer.register_step_post_hook(lambda *_: state.share_refreshed())
     else:
         stats = CommStats(kind, world)
         state = process_group

@@ -148,6 +148,12 @@ def stalled_message(heartbeat: Heartbeat, timeout: float, error: BaseException) 
     ahead = max(known) if known else None
     behind = [f"rank {r} (at step {p})" if p is not None else f"rank {r}" for r, p in positions.items()
               if p is None or (ahead is not None and p < ahead)]
-    who = ", ".join(behind) if behind else "another rank"
+    if not behind:
+        # Every rank reached the same step: the one that stopped did so after its heartbeat (inside
+        # the step). It is not this one, so it is one of the others, which the heartbeat knows.
+        others = [r for r in positions if r != heartbeat.info.rank]
+        where = f" (at step {ahead})" if ahead is not None else ""
+        behind = [f"rank {others[0]}{where}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}{where}"]
+    who = ", ".join(behind)
     return (f"rank {heartbeat.info.rank}: {who} stopped answering; no collective completed within --dist-timeout "
             f"{timeout:g} s ({first_line(error)}). Check that rank's log; resume from the last checkpoint with --resume latest")

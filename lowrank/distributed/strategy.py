@@ -7,8 +7,8 @@ validation shard and the checkpoint format — and is otherwise the same loop.
   hook (:mod:`.comm`: PyTorch's ``bf16`` / ``fp16`` / ``powersgd``, our ``projected``, or
   ``onebit`` with :class:`~lowrank.distributed.onebit.OneBitAdam` as the optimizer) and the bytes
   it sends are logged per step. Checkpoints: one ``model.safetensors`` + ``optimizer.pt`` written
-  by rank 0 (with ``onebit`` every rank's own optimizer state, since its error-feedback buffers
-  differ per rank).
+  by rank 0 (with ``onebit`` its state without the error-feedback buffers, which differ per rank:
+  each rank writes its own, ``onebit_errors.rank<r>.pt``, into the same checkpoint).
 * ``fsdp2``: ``fully_shard`` per decoder layer and at the root (:mod:`.fsdp`), bf16 compute with
   fp32 gradient reduction on GPU, fp32 on CPU; checkpoints through ``torch.distributed.checkpoint``
   (:mod:`.dcp`), which reshard on load, so a run can resume on another number of ranks.
@@ -17,6 +17,9 @@ validation shard and the checkpoint format — and is otherwise the same loop.
 from __future__ import annotations
 
 import contextlib
+import io
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +60,12 @@ def check_comm(comm: str, strategy: str, method) -> None:
 
 
 def onebit_refusal(method) -> str | None:
-    """Why 1-bit Adam cannot stand in for ``method``'s optimizer (``None``: it can)."""
-    if method.optimizer.name != "projected_adamw":
-        return f"1-bit Adam replaces the optimizer, and this method uses {method.optimizer.name}"
-    from ..optim.adamw import OPTION_DEFAULTS
+    """Why 1-bit Adam cannot stand in for ``method``'s optimizer (``None``: it can). It replaces
+    Adam: ``adamw`` (the dense model, the paper's own setting) and ``projected_adamw`` without the
+    options that change Adam's step; Muon's orthogonalized momentum is not Adam's."""
+    if method.optimizer.name not in ("adamw", "projected_adamw"):
+        return f"1-bit Adam replaces Adam, and this method's optimizer is {method.optimizer.name}"
+    from ..optim import OPTION_DEFAULTS
 
     # what makes ProjectedAdamW's step differ from plain Adam's, each compared with its off value
     # (``is not``-style: ``True == 1.0`` in Python, so a set of "off" values would let flags through)
@@ -68,7 +73,8 @@ def onebit_refusal(method) -> str | None:
     changed = sorted({k for k in keys for group in (method.optimizer.matrix, method.optimizer.other)
                       if k in group and group[k] != OPTION_DEFAULTS[k]})
     if changed:
-        return f"1-bit Adam compresses the momentum of plain Adam, which {', '.join(changed)} change"
+        return (f"1-bit Adam compresses the momentum of plain Adam, and this method's optimizer is not plain Adam (it sets "
+                f"{', '.join(changed)})")
     return None
 
 
@@ -135,8 +141,13 @@ class Strategy:
         """The tensors a finite check must look at on this rank (all of them, or the local shards)."""
         return tensors
 
-    def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
-        return valid[self.info.rank :: self.info.world_size]
+    def validation_batches(self, valid: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, bool]]:
+        """This rank's validation batches, each with whether its loss counts: chunks ``rank,
+        rank + w, ...`` of ``valid``, so the ranks together see every chunk once (the summed loss
+        equals one process's)."""
+        shard = valid[self.info.rank :: self.info.world_size]
+        for start in range(0, len(shard), batch_size):
+            yield shard[start : start + batch_size], True
 
     def comm_record(self) -> dict[str, Any]:
         return self.comm_stats.record() if self.comm_stats is not None else {}
@@ -155,13 +166,33 @@ class Strategy:
         from ..run.checkpoint import save_checkpoint
 
         if self.comm == "onebit" and self.info.enabled:
-            # 1-bit Adam's error feedback differs per rank: keep every rank's state.
-            states = [None] * self.info.world_size
-            dist.all_gather_object(states, optimizer.state_dict())
-            trainer_state = {**trainer_state, "rank_optimizer_states": states}
-        if self.info.main:
+            self._save_onebit(root, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
+                              meta={**meta, "strategy": self.name}, keep=keep)
+        elif self.info.main:
             save_checkpoint(root, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
                             meta={**meta, "strategy": self.name}, keep=keep)
+
+    def _save_onebit(self, root: Path, step: int, *, model, optimizer, trainer_state: dict, meta: dict, keep: int) -> None:
+        """1-bit Adam's error feedback differs per rank, the rest of its state does not: rank 0
+        writes the shared state once (``optimizer.pt``), each rank its error buffers as its own
+        shard (:func:`onebit_shard_name`), staged beside the checkpoint and moved into it by rank 0
+        before it is published (atomically, with the other files' checksums). Nothing is gathered:
+        a rank's buffers go from its memory to the (shared) disk."""
+        from ..files import atomic_write_bytes
+        from ..run.checkpoint import save_checkpoint, step_dir
+
+        staging = Path(root) / f".tmp-onebit-{step_dir(root, step).name}"  # .tmp-*: swept by save_checkpoint
+        staging.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(optimizer.error_state_dict(), buffer)
+        atomic_write_bytes(staging / onebit_shard_name(self.info.rank), buffer.getvalue())
+        dist.barrier()
+        if self.info.main:
+            shards = tuple(staging / onebit_shard_name(r) for r in range(self.info.world_size))
+            save_checkpoint(root, step, model=model, optimizer=optimizer, trainer_state=trainer_state, meta=meta, keep=keep,
+                            optimizer_state=optimizer.shared_state_dict(), extra_files=shards)
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()  # the checkpoint is complete before any rank goes on (and may save again)
 
     def check_resumable(self, checkpoint: Path) -> None:
         """Refuse, before any work, a checkpoint this strategy cannot load (DDP loads both kinds)."""
@@ -174,12 +205,22 @@ class Strategy:
             load_sharded_checkpoint(checkpoint, model, optimizer)
             return
         load_checkpoint(checkpoint, model, optimizer, device=self.device)
-        states = state.get("rank_optimizer_states")
-        if states:
-            if len(states) != self.info.world_size:
-                raise UsageError(f"checkpoint {checkpoint} holds 1-bit Adam states of {len(states)} ranks (their error feedback "
-                                 f"is per rank); resume --comm onebit on {len(states)} processes")
+        shards = sorted(checkpoint.glob(onebit_shard_name("*")))
+        states = state.get("rank_optimizer_states")  # checkpoints before per-rank shards: every rank's whole state
+        saved_ranks = len(shards) or len(states or [])
+        if saved_ranks and saved_ranks != self.info.world_size:
+            raise UsageError(f"checkpoint {checkpoint} holds 1-bit Adam error buffers of {saved_ranks} ranks (their error "
+                             f"feedback is per rank); resume --comm onebit on {saved_ranks} processes")
+        if shards:
+            errors = torch.load(checkpoint / onebit_shard_name(self.info.rank), weights_only=True, map_location=self.device)
+            optimizer.load_error_state_dict(errors)
+        elif states:
             optimizer.load_state_dict(states[self.info.rank])
+
+
+def onebit_shard_name(rank: int | str) -> str:
+    """The file of a rank's 1-bit Adam error buffers in a DDP checkpoint."""
+    return f"onebit_errors.rank{rank}.pt"
 
 
 class FSDP2Strategy(Strategy):
@@ -206,11 +247,18 @@ class FSDP2Strategy(Strategy):
     def local_tensors(self, tensors):
         return [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in tensors]
 
-    def validation_shard(self, valid: torch.Tensor) -> torch.Tensor:
-        # Every rank must run the same number of forward passes (each one all-gathers): the
-        # validation chunks are cut to a multiple of the world size.
-        usable = len(valid) - len(valid) % self.info.world_size
-        return valid[:usable][self.info.rank :: self.info.world_size]
+    def validation_batches(self, valid: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, bool]]:
+        """DDP's batches, every chunk counted, then as many uncounted repeats of a first chunk as
+        make every rank run the same number of forward passes (each one all-gathers the layers):
+        ``ceil(ceil(len/w) / batch_size)`` on every rank."""
+        own = 0
+        for batch, counted in super().validation_batches(valid, batch_size):
+            own += 1
+            yield batch, counted
+        per_rank = -(-len(valid) // self.info.world_size)  # ceilings: rank 0 has the most chunks
+        most = -(-per_rank // batch_size)
+        for _ in range(most - own):
+            yield valid[:1], False
 
     def save(self, root: Path, step: int, *, model, optimizer, trainer_state: dict, meta: dict, keep: int) -> None:
         from .dcp import save_sharded_checkpoint

@@ -26,6 +26,7 @@ from torch import nn
 from ..dtypes import DTYPES, dtype_name
 from ..errors import UsageError
 from ..run.checkpoint import resolve_checkpoint
+from ..run.config import check_writable_folder
 from ..run.folder import CheckpointMeta, RunFolder
 
 __all__ = ["export_model", "load_run_model", "find_checkpoint", "add_arguments", "run_from_args"]
@@ -38,7 +39,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     folder (or its ``checkpoints`` folder), whose latest checkpoint is used."""
     path = Path(path)
     if not path.is_dir():
-        raise UsageError(f"{path}: no such folder; pass a run folder (lowrank pretrain --out) or one of its checkpoints/step_N folders")
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise UsageError(f"{path}: {what}; pass a run folder (lowrank pretrain --out) or one of its checkpoints/step_N folders")
     if (path / "trainer_state.json").is_file() and not (path / "meta.json").is_file():
         raise UsageError(
             f"{path} is a transformers Trainer checkpoint, not a `lowrank pretrain` one; in Python, load the wrapped "
@@ -69,11 +71,14 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from ..errors import first_line
     from ..methods import Method, apply_method
     from ..models import build_model, check_model_shape
+    from ..precision import param_dtype, store_parameters
     from ..run.checkpoint import load_weights
 
     checkpoint = find_checkpoint(path)
     meta = CheckpointMeta.read(checkpoint)
     config_dict = dict(meta.model_config)
+    # the sizes first, on the dict: transformers' own validation error is a multi-line traceback type
+    check_model_shape(config_dict, f"checkpoint {checkpoint}: meta.json's model_config")
     try:
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     except (ValueError, TypeError, KeyError) as error:
@@ -85,6 +90,8 @@ def load_run_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     # (rank, base, sparse support, OSP projections) that were trained; not wrapped during a warm start.
     method = Method.from_dict(str(meta.method.get("name", "method")), meta.method, f"checkpoint {checkpoint}: meta.json")
     apply_method(model, method, seed=int(meta.config.get("seed", 0)), lowrank=meta.wrapped)
+    # A bf16 run's weights load into bf16 parameters: exactly what was trained, and exported as bf16.
+    store_parameters(model, param_dtype(meta.config.get("param_dtype") or method.training.param_dtype))
     weights = None
     if (checkpoint / "dcp").is_dir():
         from ..distributed.dcp import dcp_to_state_dict
@@ -139,6 +146,7 @@ def export_model(
         raise UsageError(f"--out {out} would replace the run being exported; pick a new folder")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not empty; pick a new folder, or pass --overwrite to replace it")
+    check_writable_folder(out.parent, "--out's folder")  # where the model is written, then renamed to --out
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 

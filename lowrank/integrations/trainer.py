@@ -166,6 +166,10 @@ def create_optimizer_and_scheduler(
     (which must equal the Trainer's ``max_steps``; :class:`LowRankCallback` checks it and then
     drives the same scheduler from its controller).
     """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        # checked first: the schedule would otherwise blame its warm-up for a run of no steps
+        raise ValueError(f"create_optimizer_and_scheduler(total_steps=...) must be the Trainer's max_steps, a positive whole "
+                         f"number, got {total_steps!r}")
     method = resolve_method(method, overrides)
     optimizer = LowRankOptimizerFactory()(model, method=method, seed=seed)
     # The controller is the one place where a preset becomes a schedule; this one only lends its

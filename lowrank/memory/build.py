@@ -15,8 +15,9 @@ from transformers import PretrainedConfig
 
 from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..errors import UsageError
-from ..methods import Method, apply_method, available_methods, build_optimizer, load_method
+from ..methods import Method, apply_method, available_methods, build_optimizer, dense_adamw_override, load_method
 from ..models import build_model, load_model_config
+from ..precision import store_parameters
 from .peers import PEERS, Peer, build_adamw8bit
 
 __all__ = ["DTYPES", "Resolved", "available", "parse_dtype", "dtype_name", "resolve", "build"]
@@ -64,12 +65,11 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
     optimizer_name = base.optimizer.name
     overrides: dict = {}
     notes = []
+    if dense_adamw_override(optimizer_name, weight_dtype, state_dtype):
+        overrides["optimizer.name"] = optimizer_name = "projected_adamw"
+        notes.append(f"AdamW with {dtype_name(state_dtype or torch.float32)} moments as ProjectedAdamW (options off), "
+                     "as lowrank pretrain runs it: torch.optim.AdamW keeps moments in the weight dtype")
     if state_dtype is not None:
-        if optimizer_name == "adamw" and state_dtype != weight_dtype:
-            overrides["optimizer.name"] = "projected_adamw"
-            optimizer_name = "projected_adamw"
-            notes.append(f"AdamW with {dtype_name(state_dtype)} moments as ProjectedAdamW (options off): "
-                         "torch.optim.AdamW keeps moments in the weight dtype")
         if optimizer_name == "projected_adamw":
             overrides["optimizer.matrix.state_dtype"] = state_dtype
             overrides["optimizer.other.state_dtype"] = state_dtype
@@ -108,9 +108,10 @@ def build(config: PretrainedConfig, resolved: Resolved, *, device: torch.device 
     """
     meta = str(device) == "meta"
     model = build_model(config, device="meta") if meta else build_model(config, seed=seed)
-    model.to(dtype=weight_dtype)
+    # As the trainer does: the method on the fp32 model, then every parameter (not the buffers) stored in weight_dtype.
     if resolved.method is not None:
         apply_method(model, resolved.method, seed=seed)
+    store_parameters(model, weight_dtype)
     if not meta:
         model.to(device)
     if resolved.peer is not None:

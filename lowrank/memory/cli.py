@@ -13,8 +13,10 @@ import torch
 
 from ..errors import UsageError
 from . import report
-from .build import DTYPES, available, load_config
+from ..precision import compute_dtype
+from .build import DTYPES, available, load_config, parse_dtype
 from .estimate import MemoryEstimate, estimate
+from ..cli import pick_device
 from .measure import measure_method
 
 __all__ = ["add_arguments", "run_from_args", "DEFAULT_SEQ_LEN"]
@@ -28,13 +30,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--method", default="all",
         help=f"comma-separated methods, or 'all' ({', '.join(available())}); preset YAML paths work too")
     add("--rank", type=int, default=None, help="override every rank of the presets (factors and gradient projection)")
-    add("--weight-dtype", default="float32", choices=sorted(DTYPES), help="parameters, gradients, activations")
+    # the name lowrank pretrain takes (fp32 / bf16); --weight-dtype is the older spelling, kept
+    add("--param-dtype", "--weight-dtype", dest="weight_dtype", default="float32", choices=sorted([*DTYPES, "fp32", "bf16", "fp16"]),
+        help="storage of parameters and gradients (as lowrank pretrain --param-dtype); activations are in the compute "
+             "dtype: this one on a GPU, fp32 for --measure on a CPU")
     add("--state-dtype", default="float32", choices=sorted(DTYPES),
         help="Adam moments (ProjectedAdamW's state_dtype; full_rank switches to ProjectedAdamW when it differs "
              "from --weight-dtype, since torch's AdamW keeps moments in the weight dtype)")
     add("--batch-size", type=int, default=1, help="micro-batch size")
     add("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048, or the model's max_position_embeddings if smaller)")
-    add("--checkpointing", action="store_true", help="activation checkpointing of every decoder layer")
+    # the name lowrank pretrain takes; --checkpointing is the older spelling, kept
+    add("--activation-checkpointing", "--checkpointing", dest="checkpointing", action="store_true",
+        help="activation checkpointing of every decoder layer (as lowrank pretrain --activation-checkpointing)")
     add("--fsdp2", type=int, default=1, metavar="RANKS", help="per-rank bytes under --strategy fsdp2 with this many ranks")
     add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
@@ -94,9 +101,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     pairs = []
     if args.measure:
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device(args.device).type
         _check_fits(estimates, device)
-        for method, e in zip(methods, estimates):
+        # Compared with the estimate for the measuring device's compute dtype (a CPU computes in fp32 from bf16).
+        compute, _ = compute_dtype(torch.device(device), parse_dtype(args.weight_dtype, "--param-dtype"), "auto")
+        for method in methods:
+            e = estimate(args.model, method, **options, world_size=args.fsdp2, compute_dtype=compute)
             pairs.append((e, measure_method(args.model, method, steps=args.measure, device=device, **options)))
 
     data = report.to_json(estimates, baseline, model_info=_model_info(config, name, baseline),

@@ -101,6 +101,7 @@ def estimate(
     seq_len: int = 2048,
     checkpointing: bool = False,
     world_size: int = 1,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> MemoryEstimate:
     """Estimate the training memory of ``method`` on ``model_config``; allocates nothing.
 
@@ -115,11 +116,13 @@ def estimate(
             ``PretrainedConfig`` of a causal LM.
         method: a preset name (``"galore"``), a preset YAML path, or ``"adamw8bit"``.
         rank: overrides every rank of the preset (factors and gradient projection).
-        weight_dtype: parameters, gradients and activations.
+        weight_dtype: parameters and gradients (``--param-dtype``).
         state_dtype: Adam moments (``None``: the parameter dtype, the optimizers' default).
         batch_size, seq_len: one micro-batch.
         checkpointing: activation checkpointing of every decoder layer.
         world_size: FSDP2 ranks the model is sharded over (1: not sharded).
+        compute_dtype: the activations' dtype (``None``: ``weight_dtype``, as on a GPU; a CPU
+            computes in fp32 from bf16 storage, :func:`lowrank.precision.compute_dtype`).
 
     Raises:
         UsageError: unknown method or model, a config that is not a causal LM, a non-positive
@@ -129,6 +132,7 @@ def estimate(
     check_size("seq_len", seq_len)
     weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
     state_dtype = parse_dtype(state_dtype, "state_dtype")
+    compute_dtype = parse_dtype(compute_dtype, "compute_dtype") or weight_dtype
     config, model_name = load_config(model_config)
     resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
     model, optimizer = build(config, resolved, device="meta", weight_dtype=weight_dtype)
@@ -136,9 +140,10 @@ def estimate(
         detail = adamw8bit_state_bytes(p for p in model.parameters() if p.requires_grad)
         extra = 0
     else:
-        detail, extra = optimizer_state_layout(optimizer)
+        # lowrank pretrain steps parameters stored in bf16 (or fp16) in fp32 (lowrank.precision.step_bf16)
+        detail, extra = optimizer_state_layout(optimizer, step_dtype=torch.float32)
     counts = count_parameters(model)
-    activations = model_activations(config, model, weight_dtype, batch_size, seq_len, checkpointing)
+    activations = model_activations(config, model, compute_dtype, batch_size, seq_len, checkpointing)
     weights, gradients = parameter_bytes(model) + buffer_bytes(model), gradient_bytes(model)
     weight_detail = {
         "trainable": parameter_bytes(model, trainable_only=True),
@@ -221,10 +226,12 @@ def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.d
     )
 
 
-def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, int], int]:
+def optimizer_state_layout(optimizer: torch.optim.Optimizer, step_dtype: torch.dtype | None = None) -> tuple[dict[str, int], int]:
     """Bytes the state of ``optimizer`` (``torch.optim.AdamW``, ``ProjectedAdamW`` or ``Muon``) will hold
     once every parameter has stepped: the sum of :mod:`lowrank.optim.layout` over its parameter
-    groups, without stepping.
+    groups, without stepping. ``step_dtype``: the dtype the optimizer sees the parameters in when
+    it is not theirs (fp32 for bf16 storage, which :func:`lowrank.precision.step_bf16` steps in
+    fp32, so state kept "in the parameter's dtype" is fp32).
 
     Returns:
         ``({"moments", "projectors", "scalars"}, extra)`` where ``extra`` is memory held outside
@@ -233,15 +240,15 @@ def optimizer_state_layout(optimizer: torch.optim.Optimizer) -> tuple[dict[str, 
     params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     if isinstance(optimizer, Muon):  # its AdamW groups are ProjectedAdamW's
         layouts = [
-            (muon_state_layout if group["use_muon"] else state_layout)(tuple(p.shape), p.dtype, group)
+            (muon_state_layout if group["use_muon"] else state_layout)(tuple(p.shape), step_dtype or p.dtype, group)
             for p, group in params
         ]
     elif isinstance(optimizer, ProjectedAdamW):
-        layouts = [state_layout(tuple(p.shape), p.dtype, group) for p, group in params]
+        layouts = [state_layout(tuple(p.shape), step_dtype or p.dtype, group) for p, group in params]
     elif type(optimizer) is torch.optim.AdamW:
         if any(group.get("amsgrad") for group in optimizer.param_groups):
             raise UsageError("AdamW with amsgrad is not modelled by the memory estimator")
-        layouts = [torch_adamw_state_layout(tuple(p.shape), p.dtype) for p, _ in params]
+        layouts = [torch_adamw_state_layout(tuple(p.shape), step_dtype or p.dtype) for p, _ in params]
     else:
         raise UsageError(f"no memory layout for optimizer {type(optimizer).__name__}")
     detail = dict.fromkeys(KINDS, 0)

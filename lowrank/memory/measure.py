@@ -2,8 +2,11 @@
 
 Parameters, gradients and optimizer state are counted tensor by tensor with
 :mod:`lowrank.accounting` (exact). Activations are the tensors autograd saves for backward in the
-last step (exact on any device, caught with ``torch.autograd.graph.saved_tensors_hooks``; inside
-checkpointed regions those hooks are not ours, so with activation checkpointing it is left out).
+last step (exact on any device, caught with ``torch.autograd.graph.saved_tensors_hooks``). With
+activation checkpointing these are what stays saved from forward to backward: each layer's input
+(``torch.utils.checkpoint`` saves it through the same hooks) and what lies outside the layers; the
+one layer recomputed at a time in backward saves through the checkpoint's own hooks and is not in
+the count (the estimate's ``per_layer``).
 The peak is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the bytes live at the
 start of the last step plus the largest rise of the torch profiler's allocation events during
 it (the CPU analogue of CUDA's counter), and the process's peak resident set size (everything the
@@ -27,6 +30,8 @@ from transformers import PretrainedConfig
 from ..accounting import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, peak_memory_bytes, reset_peak_memory
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
+from ..precision import compute_dtype
+from ..run.step import optimizer_step, prepare_model
 from ..wrap import count_parameters
 from .build import build, check_size, load_config, parse_dtype, resolve
 
@@ -37,8 +42,8 @@ __all__ = ["Measurement", "measure", "measure_method"]
 class Measurement:
     """What ``steps`` real training steps held, in bytes (see the module docstring).
 
-    ``activations`` is ``None`` with activation checkpointing; ``peak`` is ``None`` when the
-    profiler gave no allocation events. CPU only: ``peak_optimizer_step`` and
+    ``activations``: with activation checkpointing, without the one recomputed layer (see the
+    module docstring); ``peak`` is ``None`` when the profiler gave no allocation events. CPU only: ``peak_optimizer_step`` and
     ``peak_forward_backward`` split the peak by where it happened, ``peak_rss`` is the process's.
     """
 
@@ -154,9 +159,6 @@ def measure(
         torch.cuda.synchronize(device)
     plain_seconds = time.perf_counter() - start
 
-    # transformers 5 renamed the flag (the old name warns); plain modules have neither.
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    checkpointing = bool(getattr(model, flag, False))
     saved = _SavedTensors(model)
     # Free what earlier steps left in reference cycles now: if the garbage collector ran inside
     # the profiled step, those frees would show up as negative events and hide part of the peak.
@@ -193,7 +195,7 @@ def measure(
         gradients=gradient_bytes(model),
         optimizer_state=optimizer_state_bytes(optimizer),
         optimizer_extra=_extra_bytes(optimizer),
-        activations=None if checkpointing else saved.total,
+        activations=saved.total,
         peak=peak,
         peak_kind=kind,
         peak_optimizer_step=in_step,
@@ -231,16 +233,22 @@ def measure_method(
     resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
     model, optimizer = build(config, resolved, device=device, weight_dtype=weight_dtype, seed=seed)
     model.train()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    # The trainer's preparation and optimizer step (lowrank.run.step): bf16 storage computing in
+    # fp32 on a CPU and stepped parameter by parameter, checkpointed layers, as lowrank pretrain runs them.
+    compute, _ = compute_dtype(device, weight_dtype, "auto")
+    prepare_model(model, storage=weight_dtype, compute=compute, activation_checkpointing=checkpointing)
+    rounding = resolved.method.training.bf16_rounding if resolved.method is not None else "stochastic"
+    # A peer's optimizer (bitsandbytes) steps bf16 parameters its own way, as its users run it.
+    stepped = weight_dtype if resolved.method is not None else torch.float32
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    done = itertools.count()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        optimizer.step()
+        optimizer_step(optimizer, storage=stepped, rounding=rounding, seed=seed, step=next(done))
 
     result = measure(model, optimizer, step, steps, device=device)
     return Measurement(**{**result.__dict__, "labels": {"method": resolved.name, "rank": resolved.rank}})

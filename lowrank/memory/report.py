@@ -85,6 +85,14 @@ def _relative(estimated: int | None, measured: int | None) -> float | None:
     return (estimated - measured) / measured
 
 
+def kept_activations(estimate: MemoryEstimate) -> int:
+    """The estimate's activations saved from forward to backward, as measured by saved-tensor hooks:
+    with checkpointing, without the one layer recomputed at a time in backward (its tensors are
+    saved through the checkpoint's own hooks; :mod:`lowrank.memory.measure`)."""
+    detail = estimate.activation_detail
+    return detail["saved"] - (detail["per_layer"] if estimate.checkpointing else 0)
+
+
 def comparison_rows(estimate: MemoryEstimate, measured: Measurement) -> list[tuple[str, int | None, int | None]]:
     """``(key, estimated, measured)`` per compared category; keys are the JSON names."""
     return [
@@ -92,7 +100,7 @@ def comparison_rows(estimate: MemoryEstimate, measured: Measurement) -> list[tup
         ("gradients", estimate.gradients, measured.gradients),
         ("optimizer_state", estimate.optimizer_state, measured.optimizer_state),
         ("optimizer_extra", estimate.optimizer_extra, measured.optimizer_extra),
-        ("saved_activations", estimate.activation_detail["saved"], measured.activations),
+        ("saved_activations", kept_activations(estimate), measured.activations),
         ("total_vs_peak", estimate.total, measured.peak),
     ]
 

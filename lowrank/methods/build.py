@@ -13,7 +13,21 @@ from ..restarts import RestartController
 from ..wrap import is_wrapped, lowrank_layers, match_target_modules, wrap
 from .sections import Method
 
-__all__ = ["apply_method", "param_groups", "build_optimizer", "build_controller", "check_projection_rank"]
+__all__ = ["apply_method", "param_groups", "build_optimizer", "build_controller", "check_projection_rank",
+           "dense_adamw_override"]
+
+
+def dense_adamw_override(optimizer_name: str, weight_dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
+    """The preset override that runs ``torch.optim.AdamW`` (the ``full_rank`` preset) as
+    ProjectedAdamW with every option off — the same AdamW update — where torch's cannot serve:
+    moments in another dtype than the weights (torch keeps them in the weights' dtype), or bf16
+    weights (stepped in fp32 one parameter at a time, :func:`lowrank.precision.step_bf16`, which
+    needs a per-parameter step). Empty when torch's AdamW serves."""
+    if optimizer_name != "adamw":
+        return {}
+    if weight_dtype != torch.float32 or (state_dtype is not None and state_dtype != weight_dtype):
+        return {"optimizer.name": "projected_adamw"}
+    return {}
 
 
 def apply_method(model: nn.Module, method: Method, *, seed: int = 0, lowrank: bool = True) -> nn.Module:
@@ -47,7 +61,8 @@ def apply_method(model: nn.Module, method: Method, *, seed: int = 0, lowrank: bo
 
 def param_groups(model: nn.Module, method: Method) -> list[dict]:
     """Parameter groups: ``matrix`` (low-rank factors and sparse values, or the dense target
-    matrices of projected-gradient methods) with the preset's ``matrix`` options, and ``other``
+    matrices of projected-gradient methods; with Muon also OSP's embedding projections) with the
+    preset's ``matrix`` options, and ``other``
     (embeddings, norms, head, biases) with its ``other`` options. Frozen parameters (a ReLoRA
     base) are left out: they get no optimizer state.
 
@@ -69,6 +84,12 @@ def param_groups(model: nn.Module, method: Method) -> list[dict]:
             module = model.get_submodule(name)
             if isinstance(module, nn.Linear) and module.weight.requires_grad:
                 matrix_params.append(module.weight)
+    if settings.name == "muon":
+        # OSP's embedding projections are hidden matrices for Muon, though they sit in the
+        # embedding / head modules that the grouping above leaves to AdamW (lowrank.osp.projections).
+        from ..osp import projections
+
+        matrix_params += [p for p in projections(model) if p.requires_grad]
     chosen = {id(p) for p in matrix_params}
     other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     groups = []

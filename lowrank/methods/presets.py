@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,26 @@ from ..errors import UsageError
 from ..models import config_dir
 from .sections import Method, set_dotted
 
-__all__ = ["available_methods", "preset_path", "load_method", "method_overrides"]
+__all__ = ["available_methods", "preset_path", "load_method", "method_overrides", "read_yaml"]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule: PyYAML follows YAML 1.1, which wants a dot
+    in the mantissa and a sign in the exponent, so it reads ``5e-3`` or ``1e6`` — how everyone
+    writes a learning rate — as the string ``'5e-3'``."""
+
+
+_Loader.yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` parsed as YAML, ``5e-3`` read as the number it is (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def available_methods() -> list[str]:
@@ -21,6 +41,8 @@ def available_methods() -> list[str]:
 
 def preset_path(name_or_path: str | Path) -> Path:
     """The YAML file of a bundled preset name, or the given path; a one-line error otherwise."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path):
+        raise UsageError(f"a method is a preset name ({', '.join(available_methods())}) or a YAML path, got {name_or_path!r}")
     bundled = config_dir("methods") / f"{name_or_path}.yaml"
     if bundled.is_file():
         return bundled
@@ -43,7 +65,7 @@ def load_method(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     """
     path = preset_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"method file {path}: not a YAML text file ({reason})") from None

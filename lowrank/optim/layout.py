@@ -42,7 +42,7 @@ group with options ``group``; ``s = group["state_dtype"] or dtype``:
 **Shard view** (``shard=(rank, world)``): what one rank holds when ``p`` is sharded on dim 0 over
 ``world`` ranks, as FSDP2 (``torch.distributed.fsdp.fully_shard``) shards it (torch.chunk's
 split, :func:`shard_range`), and ``ProjectedAdamW`` keeps the state of its local rows
-(:mod:`lowrank.optim.adamw`, "FSDP2"):
+(:mod:`lowrank.optim.shard`):
 
 * moments shaped like ``p``, and the right-projected ``m × r`` moments (``R = G P`` has ``G``'s
   rows), have the rank's rows, ``(rows, ...)``;
@@ -138,6 +138,21 @@ class ParamStateLayout:
     def outside_bytes(self) -> int:
         """Bytes held outside the state (the sparse-momentum index cache)."""
         return _total(self.outside)
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of optimizer state, as measured (``ProjectedAdamW.state_bytes()``, ``Muon.state_bytes()``).
+
+    ``total`` and ``per_group`` count every tensor in ``optimizer.state`` (exactly what
+    ``state_dict()`` saves; the few Python int counters per parameter are not counted).
+    ``subset_cache`` is memory held outside the state: the sorted indices of the current
+    sparse-momentum subsets (4 bytes per kept entry), rebuilt from the seed when needed.
+    """
+
+    total: int
+    per_group: list[int]
+    subset_cache: int
 
 
 def shard_range(rows: int, rank: int, world: int) -> tuple[int, int]:

@@ -201,3 +201,20 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, bits: int, s
     blocks = absmax.numel()
     padded = torch.nn.functional.pad(values, (0, blocks * block - numel)).view(blocks, block)
     return padded.mul_(absmax.unsqueeze(1)).view(-1)[:numel]
+
+
+def decode_state(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool,
+                 shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A quantized state tensor (``codes`` and block ``absmax`` as the optimizer stores them) as a
+    new fp32 tensor of ``shape``, to update in place and write back with :func:`encode_state_`."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return dequantize_blockwise(codes, absmax, bits, signed, numel).view(shape)
+
+
+def encode_state_(codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor, bits: int, signed: bool) -> None:
+    """Requantize the fp32 ``value`` into the stored ``codes`` and ``absmax``, in place."""
+    new_codes, new_absmax = quantize_blockwise(value, bits, signed)
+    codes.copy_(new_codes)
+    absmax.copy_(new_absmax)

@@ -2,7 +2,8 @@
 
 The math is two pure functions, :func:`newton_schulz` (orthogonalisation) and
 :func:`muon_update` (one Muon step of one matrix), plus :func:`adjusted_lr`; :class:`Muon` is the
-thin optimizer around them; :func:`muon_param_groups` builds the usual split of a model.
+thin optimizer around them (``step()`` and the per-parameter ``step_param()`` both call
+:func:`muon_update`); :func:`muon_param_groups` builds the usual split of a model.
 
 Sources: Keller Jordan et al., "Muon: an optimizer for hidden layers in neural networks" (2024,
 https://kellerjordan.github.io/posts/muon/), and Liu et al., "Muon is scalable for LLM
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .adamw import ADAM_DEFAULTS, OPTION_DEFAULTS, ProjectedAdamW, StateBytes, validate_group
-from .layout import muon_state_layout
+from ..errors import UsageError
+from .adamw import ProjectedAdamW
+from .layout import StateBytes, muon_state_layout
+from .options import ADAM_DEFAULTS, OPTION_DEFAULTS, check_step_hyperparameters, validate_group
 
 __all__ = ["ADJUST_LR", "NS_COEFFICIENTS", "Muon", "adjusted_lr", "muon_param_groups", "muon_update", "newton_schulz"]
 
@@ -212,6 +215,11 @@ class Muon(Optimizer):
     State per Muon parameter: ``momentum_buffer`` (see the layout) and the int ``step`` (Muon steps
     since the last reset). Sparse gradients are not supported.
 
+    **Per parameter**: :meth:`step_param` updates one parameter from its gradient, exactly as
+    :meth:`step` does (which runs the same update for every parameter), so an optimizer step
+    inside backward can call it from a post-accumulate-grad hook. Hyper-parameters changed after
+    construction to a NaN, infinite or negative value are refused at the step (a ``UsageError``).
+
     Args:
         params: parameters or parameter-group dicts (see ``use_muon`` above).
         lr: learning rate of both halves, read from the group every step.
@@ -268,6 +276,7 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._group_index: dict[int, int] | None = None  # step_param's lookup, rebuilt on demand
         group = dict(param_group)
         params = group["params"]
         if isinstance(params, set):
@@ -318,6 +327,7 @@ class Muon(Optimizer):
         super().__setstate__(state)
         # New group dicts or a new state (unpickling, load_state_dict): rebuild the AdamW half on them.
         self._adamw = None
+        self._group_index = None
         self._adamw_half()
 
     # ------------------------------------------------------------------ public helpers
@@ -378,37 +388,78 @@ class Muon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        # The AdamW half steps first and evaluates the closure, whose backward fills every gradient.
-        loss = self._adamw_half().step(closure)
+        """One step of every parameter with a gradient: the AdamW groups through
+        :meth:`ProjectedAdamW.step`, then :meth:`step_param`'s Muon update of each Muon matrix."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # its backward fills every gradient
+        for index, group in enumerate(self.param_groups):
+            if any(p.grad is not None for p in group["params"]):
+                self._check_step(index, group)
+        self._adamw_half().step()
         for group in self.param_groups:
-            if not group["use_muon"]:
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    spec = muon_state_layout(tuple(p.shape), p.dtype, group).tensors()["momentum_buffer"]
-                    buffer = state["momentum_buffer"] = torch.zeros(spec.shape, dtype=spec.dtype, device=p.device)
-                    state["step"] = 0
-                muon_update(
-                    p,
-                    p.grad.to(buffer.dtype),
-                    buffer,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    nesterov=group["nesterov"],
-                    ns_steps=group["ns_steps"],
-                    ns_coefficients=group["ns_coefficients"],
-                    eps=group["eps"],
-                    adjust_lr=group["adjust_lr"],
-                )
-                state["step"] += 1
+            if group["use_muon"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._muon_step(p, group, p.grad)
         return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Update the one parameter ``p`` from ``grad`` (default ``p.grad``): what :meth:`step`
+        does for ``p``, bit for bit (:meth:`ProjectedAdamW.step_param` for an AdamW parameter,
+        :func:`muon_update` for a Muon matrix). The entry point of an optimizer step inside
+        backward; Newton–Schulz needs the whole matrix, so under FSDP2 that is a Muon group's
+        limit (its matrices are not sharded here)."""
+        if self._group_index is None:
+            self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
+        index = self._group_index.get(id(p))
+        if index is None:
+            raise ValueError(f"step_param: a parameter of shape {tuple(p.shape)} is not in this optimizer")
+        group = self.param_groups[index]
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            raise ValueError(f"step_param: a parameter of shape {tuple(p.shape)} has no gradient")
+        self._check_step(index, group)
+        if group["use_muon"]:
+            self._muon_step(p, group, grad)
+        else:
+            self._adamw_half().step_param(p, grad)
+
+    @staticmethod
+    def _check_step(index: int, group: dict[str, Any]) -> None:
+        """Hyper-parameters reassigned since construction (an LR schedule): a one-line UsageError."""
+        where = f"param_groups[{index}]"
+        check_step_hyperparameters(group, where)
+        momentum = group.get("momentum", 0.0) if group["use_muon"] else 0.0
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise UsageError(f"{where}: momentum must be in [0, 1) at the step, got {momentum!r} "
+                             "(set after the optimizer was built)")
+
+    def _muon_step(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
+        if grad.is_sparse:
+            raise RuntimeError("Muon does not support sparse gradients")
+        state = self.state[p]
+        buffer = state.get("momentum_buffer")
+        if buffer is None:
+            spec = muon_state_layout(tuple(p.shape), p.dtype, group).tensors()["momentum_buffer"]
+            buffer = state["momentum_buffer"] = torch.zeros(spec.shape, dtype=spec.dtype, device=p.device)
+            state["step"] = 0
+        muon_update(
+            p,
+            grad.to(buffer.dtype),
+            buffer,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            ns_steps=group["ns_steps"],
+            ns_coefficients=group["ns_coefficients"],
+            eps=group["eps"],
+            adjust_lr=group["adjust_lr"],
+        )
+        state["step"] += 1
 
 
 def _tensor(p: Any) -> torch.Tensor:

@@ -1,5 +1,17 @@
 """Gradient projection for GaLore, Fira and APOLLO, as pure functions on tensors.
 
+* GaLore (Zhao et al. 2024, arXiv 2403.03507, Algorithm 1): every ``update_proj_gap`` = T steps
+  (:func:`projector_refresh_due`) a basis ``P`` of the top-r singular vectors of ``G``
+  (:func:`svd_basis`; :func:`randomized_basis` is a cheaper range finder for the same subspace);
+  Adam runs on ``R = PᵀG`` and the update is ``scale · P·Adam(R)`` (:func:`project`,
+  :func:`project_back`).
+* APOLLO (Zhu et al. 2024, arXiv 2412.05270, Algorithm 1): a seeded Gaussian ``P`` with
+  ``N(0, 1/r)`` entries (:func:`gaussian_projection`); the update is the raw gradient scaled per
+  channel, ``scale · limit(G · ‖Adam(R)_j‖ / ‖R_j‖)`` (:func:`apollo_update`; APOLLO-Mini: one
+  tensor-wise factor and rank 1).
+* Fira's residual, which also uses :func:`channel_scaling` and :func:`limit_norm_growth`, is
+  :mod:`lowrank.optim.fira`.
+
 Convention: for a gradient ``G`` of shape ``(m, n)`` the projection acts on the smaller side, and
 the basis is always stored as a ``(min(m, n), r)`` matrix ``P`` whose columns span the subspace:
 
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -194,3 +207,56 @@ def limit_norm_growth(
     limiter = torch.where(previous_norm > 0, ratio, torch.ones_like(ratio))
     previous_norm.copy_(norm / limiter)
     return update.div_(limiter)
+
+
+def projector_refresh_due(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether the next step of ``p`` recomputes its projection basis: its first step, and every
+    ``update_proj_gap`` steps of the parameter's own clock (``total_step``). No side effect: the
+    projected DDP communication hook asks it before the optimizer steps."""
+    if p.dim() != 2 or group["projection"] is None:
+        return False
+    return "projector" not in state or state["total_step"] % group["update_proj_gap"] == 0
+
+
+def new_basis(
+    kind: str,
+    grad: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    rank: int,
+    *,
+    seed: tuple[int, ...],
+    oversample: int,
+    power_iters: int,
+) -> torch.Tensor:
+    """A new ``(min(m, n), r)`` basis for a parameter of ``shape``: ``"svd"`` and ``"randomized"``
+    from its whole gradient ``grad``; ``"random"`` (APOLLO) from ``seed`` alone, on ``grad``'s
+    device. ``seed``: ``(seed, parameter index, refresh count)``."""
+    if kind == "svd":
+        return svd_basis(grad, rank)
+    if kind == "randomized":
+        return randomized_basis(grad, rank, seed=seed, oversample=oversample, power_iters=power_iters)
+    return gaussian_projection(tuple(shape), rank, seed=seed, device=grad.device)
+
+
+def apollo_update(
+    grad: torch.Tensor,
+    direction: torch.Tensor,
+    low: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    limiter_norm: torch.Tensor,
+    *,
+    per_channel: bool,
+    scale: float,
+    norm_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    limiter_norm_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """APOLLO's update ``scale · limit(G · ‖Adam(R)_j‖ / ‖R_j‖)``, a new tensor shaped like ``grad``.
+
+    ``direction`` is Adam's direction on ``low = R``; ``per_channel=False`` is APOLLO-Mini's
+    tensor-wise factor; ``limiter_norm`` the norm-growth limiter's state (updated in place).
+    APOLLO multiplies by ``sqrt(scale)``; here ``scale`` means the same in every mode, so APOLLO's
+    ``scale=S`` is ``scale=sqrt(S)`` here. Row shards (FSDP2): ``norm_of`` gives the tensor-wise
+    norms of a row-sharded ``R``, ``limiter_norm_of`` the whole update's norm.
+    """
+    scaled = grad * channel_scaling(direction, low, shape, per_channel=per_channel, norm_of=norm_of)
+    return limit_norm_growth(scaled, limiter_norm, norm_of=limiter_norm_of).mul_(scale)

@@ -12,10 +12,11 @@ tensor's, computed exactly as before.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
+
+from .reset import reset_warmup_factor  # noqa: F401  (SPAM's post-reset ramp; it lives with the reset)
 
 Reduction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,17 +36,6 @@ def spam_clip(grad: torch.Tensor, exp_avg_sq: torch.Tensor, threshold: float) ->
     # clamp to ±sqrt(θv). Where v = 0 the bound is +inf: no clipping.
     bound = (threshold * exp_avg_sq).sqrt_().masked_fill_(exp_avg_sq == 0, float("inf"))
     return torch.clamp(grad, min=-bound, max=bound)
-
-
-def reset_warmup_factor(steps_since_reset: int, warmup_steps: int) -> float:
-    """SPAM's post-reset ramp: ``0.01`` at the reset step rising along a cosine to ``1``.
-
-    ``factor(k) = 0.01 + 0.99 · (1 − cos(π k / W)) / 2`` for ``k < W`` steps since the reset, and
-    ``1`` from ``k = W`` on.
-    """
-    if warmup_steps <= 0 or steps_since_reset >= warmup_steps:
-        return 1.0
-    return 0.01 + 0.99 * 0.5 * (1.0 - math.cos(math.pi * steps_since_reset / warmup_steps))
 
 
 def adaptive_clip(
@@ -93,3 +83,28 @@ def norm_scaling(
     target = mean / (rms + eps)
     safe_norm = torch.where(active, norm, torch.ones_like(norm))
     return torch.where(active, grad / safe_norm * target, grad)
+
+
+def stable_spam(
+    grad: torch.Tensor,
+    *,
+    gammas: tuple[float, float, float],
+    step: int,
+    eps: float,
+    max_abs_avg: torch.Tensor | None = None,
+    norm_avg: torch.Tensor | None = None,
+    norm_sq_avg: torch.Tensor | None = None,
+    max_of: Reduction | None = None,
+    norm_of: Reduction | None = None,
+) -> torch.Tensor:
+    """Stable-SPAM on the raw gradient, before it enters Adam: :func:`adaptive_clip` when
+    ``max_abs_avg`` is given, then :func:`norm_scaling` when ``norm_avg`` / ``norm_sq_avg`` are.
+    ``gammas = (γ1, γ2, γ3)``: the decays of ``‖g‖``, ``‖g‖²`` and ``max|g|``; ``step`` is the
+    1-based count of gradients seen (these statistics are not reset with the moments: they
+    describe the gradient)."""
+    gamma_norm, gamma_norm_sq, gamma_max = gammas
+    if max_abs_avg is not None:
+        grad = adaptive_clip(grad, max_abs_avg, gamma_max, step, max_of=max_of)
+    if norm_avg is not None:
+        grad = norm_scaling(grad, norm_avg, norm_sq_avg, gamma_norm, gamma_norm_sq, step, eps, norm_of=norm_of)
+    return grad

@@ -2,8 +2,11 @@
 straight-through fake quantization of linear and low-rank layers (:mod:`lowrank.quant.fake`),
 quantization evaluation of a trained model (:mod:`lowrank.quant.evaluate`: hidden-state kurtosis,
 perplexity under weight-only and W/A quantization), and ultra-low-bit post-training quantization
-with low-rank partial retraining (:mod:`lowrank.quant.apiq`, :mod:`lowrank.quant.ptq`: ApiQ and
-its saliency-aware extension).
+with low-rank partial retraining (:mod:`lowrank.quant.ptq`: ApiQ and its saliency-aware
+extension; the quantized layer and closed-form initialisation in :mod:`lowrank.quant.apiq`,
+learned clipping in :mod:`lowrank.quant.clipping`, the block retraining in
+:mod:`lowrank.quant.retrain`, the regularizer forms in :mod:`lowrank.quant.saliency`, the named
+settings in :mod:`lowrank.quant.recipes`).
 
 Formats: INT8/4/3/2, symmetric (absmax) or asymmetric (min–max with a zero point), per group /
 per row (per token) / per tensor, round-to-nearest or seeded stochastic rounding, top-k outliers

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..layers import LowRankLinear
 from ..linalg import balanced_factors
+from .clipping import CLIPPINGS, LearnedClipBase
 from .formats import Quantized, QuantFormat, dequantize, quantize
 
 __all__ = ["QuantizedBase", "QuantizedLowRankLinear", "LayerStatistics", "apiq_factors", "output_error"]
@@ -87,17 +88,23 @@ class QuantizedLowRankLinear(LowRankLinear):
     Build it with :meth:`from_linear`. ``merge()`` is refused (``Q(W)`` cannot absorb ``s·BA``
     without requantizing); ``refactorize()`` and the dense views work as on ``LowRankLinear``."""
 
-    quantized_base: QuantizedBase
+    quantized_base: QuantizedBase | LearnedClipBase
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, fmt: QuantFormat, *, alpha: float | None = None,
-                    seed: int = 0) -> "QuantizedLowRankLinear":
-        """Quantize ``linear.weight`` (RTN, ``fmt``) into the base; ``A`` Kaiming, ``B = 0`` (the
-        layer starts equal to ``Q(W) x + b``); the bias is copied and frozen."""
+                    seed: int = 0, clipping: str = "frozen") -> "QuantizedLowRankLinear":
+        """Quantize ``linear.weight`` into the base; ``A`` Kaiming, ``B = 0`` (the layer starts
+        equal to ``Q(W) x + b``, PEFT's LoRA initialisation); the bias is copied and frozen.
+
+        ``clipping="frozen"``: round-to-nearest codes (:class:`QuantizedBase`). ``"learned"``: a
+        :class:`~lowrank.quant.clipping.LearnedClipBase` (ApiQ's learnable clipping), trainable
+        until :meth:`freeze_base` stores its codes."""
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, rank, alpha=alpha, bias=linear.bias is not None,
                     init="lora", seed=seed, device=weight.device, dtype=weight.dtype)
-        layer.quantized_base = QuantizedBase.from_weight(weight, fmt)
+        if clipping not in CLIPPINGS:
+            raise ValueError(f"clipping must be one of {', '.join(CLIPPINGS)}, got {clipping!r}")
+        layer.quantized_base = QuantizedBase.from_weight(weight, fmt) if clipping == "frozen" else LearnedClipBase(weight, fmt)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -106,6 +113,11 @@ class QuantizedLowRankLinear(LowRankLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + F.linear(x, self.quantized_base.weight(x.dtype))
+
+    def freeze_base(self) -> None:
+        """Store a learned clipping's codes (a :class:`QuantizedBase`); nothing to do when frozen."""
+        if isinstance(self.quantized_base, LearnedClipBase):
+            self.quantized_base = self.quantized_base.freeze()
 
     def delta_weight(self) -> torch.Tensor:
         """``s·BA`` (``m × n``, with gradient: for regularizers on the effective weight)."""

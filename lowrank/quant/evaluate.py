@@ -1,8 +1,18 @@
 """Quantization evaluation of a trained causal LM: how outlier-prone its hidden states are, and how
 much validation perplexity it loses under simulated weight-only and weight–activation quantization.
 
-**Hidden-state statistics** (forward hooks on the output of every decoder layer, on the
-validation batches; the embedding output is not counted):
+**Hidden-state statistics**, by one of two protocols (:data:`KURTOSIS_PROTOCOLS`,
+``--kurtosis-protocol``):
+
+* ``"ours"`` (default): forward hooks on the output of every decoder layer, on the validation
+  sequences with their full context; the embedding output is not counted.
+* ``"osp"``: OSP's reference protocol (their ``evaluate_kurtosis.py``): each validation token fed
+  as its own length-1 sequence, averaged over all of transformers' ``hidden_states`` — the
+  embedding output, the outputs of layers 1…L−1 and the last layer's output after the final
+  norm. Use it to compare with the paper's numbers; the two differ (a token alone sees no
+  context, and the embedding and final-normed states count).
+
+The statistics:
 
 * excess kurtosis as Outlier-Safe Pre-Training measures it (Park et al. 2025, arXiv 2506.19697;
   DESIGN 2.10). For the hidden state ``x ∈ R^d`` of one token at one layer::
@@ -12,13 +22,13 @@ validation batches; the embedding output is not counted):
   i.e. the fourth moment is *not* centred while the standard deviation is (and unbiased), and
   each token's value is clamped at 0 — their conventions, kept so that the numbers compare with
   the paper's (Adam 1.4B: 1818.56, OSP: 0.04). The reported ``kurtosis`` is the mean of ``κ`` over
-  all tokens of all validation sequences, per layer, then over layers (every layer sees the same
-  tokens, so this is also the mean over all (layer, token) pairs). For a zero-mean Gaussian it is
+  all tokens of all validation sequences, per state (layer), then over states (every state sees
+  the same tokens, so this is also the mean over all (state, token) pairs). For a zero-mean Gaussian it is
   ≈ 0 (the clamp adds a small positive bias, about ``0.4·sqrt(24/d)``), for a Laplace ≈ 3. A token
   whose hidden state is constant (``std = 0``: e.g. a padding-index embedding row, all zero, at
   position 0 stays zero through every LLaMA block) has no kurtosis (``0/0``); it is left out of
   the mean and counted in ``skipped_tokens``.
-* ``max_abs``: the largest ``|x_j|`` over every layer output, token and channel.
+* ``max_abs``: the largest ``|x_j|`` over every state, token and channel.
 
 **Perplexity** ``exp(mean next-token cross-entropy)`` over the validation tokens, in full
 precision and under each scheme of :func:`default_schemes`, simulated with
@@ -55,6 +65,7 @@ __all__ = [
     "default_schemes",
     "excess_kurtosis",
     "hidden_state_statistics",
+    "KURTOSIS_PROTOCOLS",
     "validation_loss",
     "evaluate_quantization",
     "format_quant_eval",
@@ -131,27 +142,70 @@ def validation_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
     return total / count
 
 
-@torch.no_grad()
-def hidden_state_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict:
-    """Excess kurtosis and largest magnitude of every decoder layer's output (see the module docstring).
+KURTOSIS_PROTOCOLS = ("ours", "osp")
+"""How :func:`hidden_state_statistics` feeds the model and which states it averages (module
+docstring): ``"ours"`` (the default, what the README tables report unless they say otherwise)
+or ``"osp"`` (the OSP repository's ``evaluate_kurtosis.py``)."""
 
-    Returns ``{"kurtosis", "max_abs", "skipped_tokens", "layers": [{"layer", "kurtosis", "max_abs"}, ...]}``.
+
+class _StateStatistics:
+    """Running kurtosis sums, token counts, skipped tokens and peak ``|x|`` of a list of states."""
+
+    def __init__(self, count: int) -> None:
+        self.sums, self.counts, self.skipped, self.peaks = [0.0] * count, [0] * count, [0] * count, [0.0] * count
+
+    def add(self, index: int, hidden: torch.Tensor) -> None:
+        kurtosis = excess_kurtosis(hidden)
+        defined = kurtosis.isfinite()
+        self.sums[index] += float(kurtosis[defined].double().sum())
+        self.counts[index] += int(defined.sum())
+        self.skipped[index] += kurtosis.numel() - int(defined.sum())
+        self.peaks[index] = max(self.peaks[index], float(hidden.detach().abs().max()))
+
+    def result(self, protocol: str) -> dict:
+        per_layer = [{"layer": i, "kurtosis": total / max(count, 1), "max_abs": peak}
+                     for i, (total, count, peak) in enumerate(zip(self.sums, self.counts, self.peaks))]
+        return {
+            "kurtosis": sum(row["kurtosis"] for row in per_layer) / len(per_layer),
+            "max_abs": max(self.peaks),
+            "skipped_tokens": sum(self.skipped),
+            "kurtosis_protocol": protocol,
+            "layers": per_layer,
+        }
+
+
+@torch.no_grad()
+def hidden_state_statistics(model: nn.Module, batches: list[torch.Tensor], *, protocol: str = KURTOSIS_PROTOCOLS[0]) -> dict:
+    """Excess kurtosis and largest magnitude of the hidden states (see the module docstring).
+
+    ``protocol="ours"``: the outputs of the ``L`` decoder layers, each sequence with its full
+    context; ``layers[i]`` is block ``i``.
+    ``protocol="osp"``: the OSP repository's ``evaluate_kurtosis.py`` (commit 504a6a2): every
+    token fed as its own length-1 sequence (``model(seq.unsqueeze(1), output_hidden_states=True)``)
+    and the ``L + 1`` states of transformers' ``hidden_states`` averaged: the embedding output,
+    the outputs of layers 1…L−1, and the last layer's output after the final norm; ``layers[i]``
+    is ``hidden_states[i]``. (Their script averages per sequence and state, then over all; with
+    sequences of one length that is this mean. A token with ``std = 0`` is skipped and counted, as
+    in ours; theirs would turn the whole mean into NaN.)
+
+    Returns ``{"kurtosis", "max_abs", "skipped_tokens", "kurtosis_protocol", "layers": [{"layer",
+    "kurtosis", "max_abs"}, ...]}``.
     """
+    if protocol not in KURTOSIS_PROTOCOLS:
+        raise UsageError(f"--kurtosis-protocol must be one of {', '.join(KURTOSIS_PROTOCOLS)}, got {protocol!r}")
     _, layers = decoder_layers(model)
-    sums = [0.0] * len(layers)
-    counts = [0] * len(layers)
-    peaks = [0.0] * len(layers)
-    skipped = [0] * len(layers)
+    if protocol == "osp":
+        stats = _StateStatistics(len(layers) + 1)
+        for ids in batches:
+            states = model(input_ids=ids.reshape(-1, 1), output_hidden_states=True, use_cache=False).hidden_states
+            for index, hidden in enumerate(states):
+                stats.add(index, hidden)
+        return stats.result(protocol)
+    stats = _StateStatistics(len(layers))
 
     def hook(index: int):
         def record(module, inputs, output):
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            kurtosis = excess_kurtosis(hidden)
-            defined = kurtosis.isfinite()
-            sums[index] += float(kurtosis[defined].double().sum())
-            counts[index] += int(defined.sum())
-            skipped[index] += kurtosis.numel() - int(defined.sum())
-            peaks[index] = max(peaks[index], float(hidden.detach().abs().max()))
+            stats.add(index, output[0] if isinstance(output, (tuple, list)) else output)
         return record
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -161,13 +215,7 @@ def hidden_state_statistics(model: nn.Module, batches: list[torch.Tensor]) -> di
     finally:
         for handle in handles:
             handle.remove()
-    per_layer = [{"layer": i, "kurtosis": sums[i] / max(counts[i], 1), "max_abs": peaks[i]} for i in range(len(layers))]
-    return {
-        "kurtosis": sum(row["kurtosis"] for row in per_layer) / len(per_layer),
-        "max_abs": max(peaks),
-        "skipped_tokens": sum(skipped),
-        "layers": per_layer,
-    }
+    return stats.result(protocol)
 
 
 def _scheme_row(config: FakeQuantConfig | None, loss: float) -> dict:
@@ -190,6 +238,7 @@ def evaluate_quantization(
     group_size: int = 128,
     flat: bool = False,
     schemes: dict[str, FakeQuantConfig | None] | None = None,
+    kurtosis_protocol: str = KURTOSIS_PROTOCOLS[0],
 ) -> dict:
     """Hidden-state statistics and perplexity under each quantization scheme (module docstring).
 
@@ -202,6 +251,7 @@ def evaluate_quantization(
         group_size: weight group size of the default schemes (must divide every quantized
             layer's input dimension).
         schemes: ``{label: FakeQuantConfig or None (full precision)}``; default :func:`default_schemes`.
+        kurtosis_protocol: ``"ours"`` or ``"osp"`` (:func:`hidden_state_statistics`).
 
     Returns:
         ``{"tokens", "sequences", "seq_len", "kurtosis", "max_abs", "layers", "schemes": {label:
@@ -216,7 +266,7 @@ def evaluate_quantization(
     batches = as_batches(valid, batch_size, _device(model))
     schemes = default_schemes(group_size, flat=flat) if schemes is None else schemes
     try:
-        stats = hidden_state_statistics(model, batches)
+        stats = hidden_state_statistics(model, batches, protocol=kurtosis_protocol)
         rows = {}
         for label, config in schemes.items():
             if config is None:
@@ -245,7 +295,8 @@ def format_quant_eval(result: dict) -> str:
     """A plain-text table of :func:`evaluate_quantization`'s result."""
     lines = [
         f"{result['tokens']:,} validation tokens ({result['sequences']} x {result['seq_len']}); "
-        f"hidden states: excess kurtosis {result['kurtosis']:.3f}, max |x| {result['max_abs']:.2f}",
+        f"hidden states: excess kurtosis {result['kurtosis']:.3f} ({result.get('kurtosis_protocol', 'ours')} protocol), "
+        f"max |x| {result['max_abs']:.2f}",
         f"{'scheme':<8} {'weights':<14} {'activations':<14} {'bits/w':>7} {'loss':>8} {'ppl':>10} {'Δppl':>9}",
     ]
     base = result["schemes"].get("fp", {}).get("ppl")

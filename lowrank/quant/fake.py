@@ -37,8 +37,11 @@ rounding noise is not a CPU run's (each is a pure function of the integers on it
 The draw runs outside ``torch.compile`` graphs (``torch.compiler.disable``; one graph break per
 draw), the quantization itself inside them. Draw counts are not in the ``state_dict`` (which
 keeps the model's own keys); :func:`fake_quant_state_dict` and :func:`load_fake_quant_state_dict`
-carry them across a resume. Activation checkpointing recomputes a forward with the next draws,
-so with stochastic activations the recomputed forward is not the one first run.
+carry them across a resume. Activation checkpointing (:mod:`lowrank.checkpointing`) runs a
+layer's forward a second time in backward; :func:`checkpoint_context_fn` sets the draw counts
+back to where they stood when the layer first ran, for the recomputation only, so it draws the
+same noise (the recomputed forward is the forward first run) and the counts go on as without
+checkpointing.
 
 Wrapping changes the class of each targeted module in place (``nn.Linear`` → :class:`FakeQuantLinear`,
 ``LowRankLinear`` → :class:`FakeQuantLowRankLinear`, subclasses that add no parameters or
@@ -48,14 +51,17 @@ buffers): parameters, ``state_dict`` keys, ``isinstance`` checks and the ``LowRa
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LowRankLinear, SparseLinearFunction
-from ..seeding import STREAM_FAKE_QUANT, cpu_generator, derive_seed
+from ..precision import linear
+from ..seeding import STREAM_FAKE_QUANT, device_generator
 from ..wrap import describe_linears, match_target_modules, unwrap_model
 from .formats import QuantFormat, fake_quantize, uniform_noise
 
@@ -71,6 +77,8 @@ __all__ = [
     "is_fake_quantized",
     "fake_quant_state_dict",
     "load_fake_quant_state_dict",
+    "checkpoint_context_fn",
+    "has_stochastic_activations",
 ]
 
 STABLE_SPAM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -151,11 +159,7 @@ def straight_through(x: torch.Tensor, fmt: QuantFormat | None, noise: torch.Tens
 def _draw_noise(state: _LayerQuant, like: torch.Tensor) -> torch.Tensor:
     keys = (state.seed, STREAM_FAKE_QUANT, state.index, state.draws)
     state.draws += 1
-    if like.device.type == "cpu":
-        generator = cpu_generator(*keys)
-    else:
-        generator = torch.Generator(device=like.device).manual_seed(derive_seed(*keys))
-    return uniform_noise(like.shape, generator, like.device)
+    return uniform_noise(like.shape, device_generator(like.device, *keys), like.device)
 
 
 def _activation(state: _LayerQuant, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,7 @@ class FakeQuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.fake_quant
-        return F.linear(_activation(state, x), straight_through(self.weight, state.weights), self.bias)
+        return linear(_activation(state, x), straight_through(self.weight, state.weights), self.bias)
 
 
 class FakeQuantLowRankLinear(LowRankLinear):
@@ -192,10 +196,10 @@ class FakeQuantLowRankLinear(LowRankLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.fake_quant
         inputs = _activation(state, x)
-        hidden = _activation(state, F.linear(inputs, straight_through(self.A, state.weights)) * self.scale)
-        out = F.linear(hidden, straight_through(self.B, state.weights))
+        hidden = _activation(state, linear(inputs, straight_through(self.A, state.weights)) * self.scale)
+        out = linear(hidden, straight_through(self.B, state.weights))
         if self.base_weight is not None:
-            out = out + F.linear(inputs, straight_through(self.base_weight, state.weights))
+            out = out + linear(inputs, straight_through(self.base_weight, state.weights))
         if self.sparse_values is not None:
             out = out + SparseLinearFunction.apply(x, self.sparse_values, self.sparse_indices, self.out_features, self.in_features)
         return out if self.bias is None else out + self.bias
@@ -308,3 +312,50 @@ def load_fake_quant_state_dict(model: nn.Module, state: dict[str, int]) -> None:
         raise ValueError(f"fake-quant state does not fit this model: missing {missing}, unexpected {unexpected}")
     for name, draws in state.items():
         layers[name].fake_quant.draws = int(draws)
+
+
+def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[contextlib.AbstractContextManager,
+                                                                 contextlib.AbstractContextManager]]:
+    """A ``torch.utils.checkpoint`` ``context_fn`` (non-reentrant) that makes a recomputed forward
+    draw the same stochastic-rounding noise as the forward it repeats.
+
+    ``torch.utils.checkpoint`` calls it once per checkpointed call, in forward: it notes every
+    stochastic layer's draw count then, and returns (nothing to do in forward, a context for the
+    recomputation) — the recomputation runs with the counts set back to the noted ones, and the
+    counts are restored afterwards, so later draws are those of a run without checkpointing (the
+    way ``preserve_rng_state`` treats the global generator). The layers are looked up at each call
+    (fake quantization may be applied or re-applied after checkpointing is enabled, e.g. when a
+    dense warm start is factorized); ``model`` is held weakly.
+    """
+    reference = weakref.ref(unwrap_model(model))
+
+    def context_fn():
+        root = reference()
+        states = [] if root is None else _stochastic_states(root)
+        if not states:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        return contextlib.nullcontext(), _replay_draws(states, [state.draws for state in states])
+
+    return context_fn
+
+
+def _stochastic_states(model: nn.Module) -> list[_LayerQuant]:
+    return [m.fake_quant for m in fake_quant_layers(model).values()
+            if m.fake_quant.activations is not None and m.fake_quant.activations.stochastic]
+
+
+def has_stochastic_activations(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` draws stochastic-rounding noise (what a recomputation must replay)."""
+    return bool(_stochastic_states(unwrap_model(model)))
+
+
+@contextlib.contextmanager
+def _replay_draws(states: list[_LayerQuant], counts: list[int]):
+    now = [state.draws for state in states]
+    for state, count in zip(states, counts):
+        state.draws = count
+    try:
+        yield
+    finally:
+        for state, count in zip(states, now):
+            state.draws = count

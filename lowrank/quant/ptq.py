@@ -3,56 +3,47 @@
 :func:`quantize` turns every targeted ``nn.Linear`` of a causal LM (default PEFT's
 ``"all-linear"``: every linear layer but the output head) into a
 :class:`~lowrank.quant.apiq.QuantizedLowRankLinear`, ``y = Q(W) x + s·B(A x) + b``, with the
-quantized weight ``Q(W)`` frozen as integer codes and the factors chosen and trained as the method
-says:
+quantized weight ``Q(W)`` stored as integer codes and the factors chosen and trained as the method
+says, under a named recipe of settings (:mod:`lowrank.quant.recipes`: ``"ours"``, or ``"apiq"``,
+ApiQ's released script):
 
 * ``"rtn"``: round-to-nearest ``Q(W)``, ``B = 0`` (the plain baseline; no calibration data used).
 * ``"apiq"``: ApiQ (Liao et al. 2024, arXiv 2402.05147), decoder block by decoder block:
 
-  1. *initialisation*: each linear layer of the block gets the closed-form factors of
-     :mod:`lowrank.quant.apiq`, minimising ``‖X Wᵀ − X_q (Q + s·BA)ᵀ‖`` on the calibration tokens,
-     ``X`` the full-precision model's input to the layer and ``X_q`` the partly quantized model's
-     own (layers that share an input, q/k/v and gate/up, in one stage; then o, then down);
-  2. *partial retraining* (ApiQ-bw's block-wise objective): ``steps`` AdamW steps on the block's
-     factors only (cosine learning rate with 10% warm-up, gradient norm clipped at 1, one
-     calibration batch per step in turn), minimising the block's relative output error::
-
-         E = ‖f_q(h_q) − f(h)‖² / ‖f(h)‖²
-
-     ``f`` the full-precision block on the full-precision stream ``h``, ``f_q`` the quantized block
-     on the quantized model's stream ``h_q``;
+  1. *base*: ``Q(W)`` with ApiQ's learnable per-group clipping (:mod:`lowrank.quant.clipping`,
+     ``clipping="learned"``, both recipes) or frozen round-to-nearest codes (``"frozen"``);
+  2. *initialisation* of the factors: the closed form of :mod:`lowrank.quant.apiq` (``"ours"``),
+     minimising ``‖X Wᵀ − X_q (Q + s·BA)ᵀ‖`` on the calibration tokens, ``X`` the full-precision
+     model's input to the layer and ``X_q`` the partly quantized model's own (layers that share
+     an input, q/k/v and gate/up, in one stage; then o, then down); or PEFT's ``B = 0``
+     (``"apiq"``, as released);
+  3. *partial retraining* (ApiQ-bw's block-wise objective, :mod:`lowrank.quant.retrain`): AdamW
+     on the block's factors and clipping logits, one calibration batch per step in turn, so that
+     the quantized block ``f_q`` on the quantized model's stream ``h_q`` reproduces the
+     full-precision block ``f`` on the full-precision stream ``h`` (``"ours"``: relative error
+     ``‖f_q(h_q) − f(h)‖² / ‖f(h)‖²``; ``"apiq"``: MSE plus ApiQ's ``aug_loss``);
+  4. the learned clipping's codes are stored (:meth:`QuantizedLowRankLinear.freeze_base`);
 
   then both streams move on to the next block. Memory stays that of one block's activations on
   the calibration set; nothing is back-propagated through the whole model.
-* ``"apiq+saliency"``: the same, with the block loss ``E + λ · R``, ``R`` the saliency-aware
-  regularizer of Cao & Aref 2025 ("Enhancing Ultra-Low-Bit Quantization of Large Language Models
-  Through Saliency-Aware Partial Retraining", arXiv 2504.13932), which penalises changes of the
-  effective weights where they matter most. The form implemented here (the paper's full text was
-  not available to check its exact form against; this is DESIGN 2.13's reading of it)::
-
-      R = (1/|block layers|) Σ_layers  Σ_ij S_ij (W_eff − W)_ij²  /  Σ_ij S_ij W_ij²,     W_eff = Q(W) + s·BA
-
-  a saliency-weighted relative squared deviation of each layer's effective weight from its
-  full-precision weight ``W`` (dimensionless: ``λ`` does not depend on the weights' scale).
-  Saliency ``S`` (``saliency=``):
-
-  - ``"activation"`` (default): ``S_ij = |W_ij| · ‖X_{:,j}‖₂``, the Wanda score (Sun et al. 2023,
-    arXiv 2306.11695), from the full-precision inputs the initialisation already collected;
-  - ``"gradient"``: ``S_ij = |W_ij · ∂L/∂W_ij|``, the first-order Taylor importance (Molchanov et
-    al. 2019), ``L`` the full-precision model's mean cross-entropy on the calibration batches.
-
-  Defaults: ``λ`` = :data:`DEFAULT_LAMBDA`, :data:`DEFAULT_STEPS` steps per block at learning rate
-  :data:`DEFAULT_LR`.
+* ``"apiq+saliency"``: the same with the saliency-aware regularizer of Cao & Aref 2025
+  (arXiv 2504.13932; :mod:`lowrank.quant.saliency`): by default the published form — ``λ Σ g²
+  (Q(W) − W)²`` with precomputed squared gradients on the learned-clipping ``Q(W)`` before the
+  LoRA term, trained alone in the first weight-preservation steps (``saliency="fisher"``);
+  ours as named alternatives (``"activation"``: ``|W|·‖X_j‖``, ``"gradient"``: ``|W·∂L/∂W|``,
+  on ``Q + s·BA``, relative, added at every step).
 
 The three methods use the same format, rank, calibration batches and (for the two ApiQ methods)
-the same steps and learning rate, so their reports compare. Quantization format: integer,
+the same recipe, so their reports compare. Quantization format: integer,
 ``bits`` in 2/3/4/8, groups of ``group_size`` consecutive input channels, asymmetric min–max with
 a zero point by default (``symmetric=False``: 4 levels at 2 bits, as ApiQ, GPTQ and OmniQuant
 quantize weights; the symmetric grid is ternary at 2 bits).
 
 Memory: the full-precision model is kept while quantizing (it provides ``X`` and the block
 targets, and ``W`` for the regularizer), plus the two hidden-state streams on the calibration set
-and three ``n × n`` float64 statistics of the layers being initialised.
+(three with ``aug_loss``), three ``n × n`` float64 statistics of the layers being initialised, a
+full-precision copy of the current block's weights while its clipping is learned, and one score
+per weight of every target for the ``fisher`` / ``gradient`` saliencies.
 
 Export (:func:`export_quantized`): the quantized model becomes a plain dense Hugging Face model
 (``Q(W) + s·BA`` in every linear, :func:`dequantized_model`; ``from_pretrained`` without
@@ -64,6 +55,7 @@ with :func:`lowrank.integrations.peft.dense_base_model` and ``save_peft_adapter`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -80,15 +72,17 @@ from ..layers import check_rank
 from ..seeding import derive_seed
 from ..wrap import describe_linears, lowrank_layers, match_target_modules, merge_to_dense, replace_layers
 from .apiq import LayerStatistics, QuantizedLowRankLinear, apiq_factors, output_error
+from .clipping import CLIPPINGS
 from .evaluate import as_batches, decoder_layers, plain_model, validation_loss
-from .formats import INT_BITS, QuantFormat, bits_per_weight
+from .formats import INT_BITS, QuantFormat, bits_per_weight, fake_quantize
+from .recipes import INITS, LOSSES, RECIPES, SCHEDULES, Recipe
+from .retrain import relative_error, run_block, train_block
+from .saliency import PUBLISHED, SALIENCY, FisherRegularizer, RelativeRegularizer, fisher_scores, taylor_scores
 
 __all__ = [
     "METHODS",
     "SALIENCY",
-    "DEFAULT_LAMBDA",
-    "DEFAULT_STEPS",
-    "DEFAULT_LR",
+    "RECIPES",
     "quantize",
     "quantized_layers",
     "dequantized_model",
@@ -96,38 +90,54 @@ __all__ = [
     "export_quantized",
 ]
 
-DEFAULT_LAMBDA = 0.1
-"""``λ`` of the saliency-aware regularizer: the best of 0, 0.01, 0.1 and 1 on held-out perplexity
-of a 4-block, 128-wide LLaMA at 2 bits (groups of 64, rank 16, 200 steps per block); 1 already
-costs more than it gains there (``R`` starts near 0.09 at 2 bits, the block error near 0.05)."""
-DEFAULT_STEPS = 200
-"""Retraining steps per decoder block."""
-DEFAULT_LR = 1e-3
-"""AdamW's peak learning rate for the factors."""
 METHODS = ("apiq+saliency", "apiq", "rtn")
 """The methods of :func:`quantize` (module docstring), the default first."""
-SALIENCY = ("activation", "gradient")
-"""Saliency scores of the regularizer: Wanda's ``|W|·‖X_j‖`` or the Taylor ``|W·∂L/∂W|``."""
 
 
 # ---------------------------------------------------------------------- checks
 
 
-def _check_options(bits, method, rank, steps, lr, reg_lambda, saliency, damp) -> None:
+def _number(name: str, value, *, zero_allowed: bool, at_most_one: bool = False) -> None:
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not finite or value < 0 or (value == 0 and not zero_allowed) or (at_most_one and value > 1):
+        bound = "in [0, 1]" if at_most_one else (">= 0" if zero_allowed else "> 0")
+        raise UsageError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{name} must be a whole number >= 0, got {value!r}")
+
+
+def _check_options(bits, method, rank, recipe: Recipe, damp) -> None:
     if isinstance(bits, bool) or bits not in INT_BITS:
         raise UsageError(f"--bits must be one of {', '.join(map(str, INT_BITS))}, got {bits!r}")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise UsageError(f"--steps must be a whole number >= 0, got {steps!r}")
-    for name, value, zero_allowed in (("--lr", lr, False), ("--saliency-lambda", reg_lambda, True), ("damp", damp, False)):
-        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not finite or value < 0 or (value == 0 and not zero_allowed):
-            raise UsageError(f"{name} must be a finite number {'>= 0' if zero_allowed else '> 0'}, got {value!r}")
-    if saliency not in SALIENCY:
-        raise UsageError(f"saliency must be one of {', '.join(SALIENCY)}, got {saliency!r}")
+    if recipe.steps is not None:
+        _count("--steps", recipe.steps)
+    else:
+        _count("--epochs", recipe.epochs)
+    for name, value, zero_allowed in (("--lr", recipe.lr, False), ("--saliency-lambda", recipe.saliency_lambda, True),
+                                      ("damp", damp, False), ("weight_decay", recipe.weight_decay, True),
+                                      ("clip_lr", recipe.clip_lr, False), ("clip_weight_decay", recipe.clip_weight_decay, True),
+                                      ("scale", recipe.scale, False)):
+        _number(name, value, zero_allowed=zero_allowed)
+    _number("weight_preservation", recipe.weight_preservation, zero_allowed=True, at_most_one=True)
+    if recipe.grad_clip is not None:
+        _number("grad_clip", recipe.grad_clip, zero_allowed=False)
+    if isinstance(recipe.batch_size, bool) or not isinstance(recipe.batch_size, int) or recipe.batch_size < 1:
+        raise UsageError(f"--calib-batch-size must be a positive integer, got {recipe.batch_size!r}")
+    for name, value, choices in (("--saliency", recipe.saliency, SALIENCY), ("--clipping", recipe.clipping, CLIPPINGS),
+                                 ("schedule", recipe.schedule, SCHEDULES), ("loss", recipe.loss, LOSSES),
+                                 ("init", recipe.init, INITS)):
+        if value not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if method == "apiq+saliency" and recipe.saliency == PUBLISHED and recipe.clipping != "learned":
+        raise UsageError("--saliency fisher (the published form) regularizes the learned clipping; "
+                         "use --clipping learned, or --saliency activation / gradient with frozen codes")
 
 
 def _targets(model: nn.Module, target_modules, exclude_modules, fmt: QuantFormat, rank: int) -> list[str]:
@@ -164,10 +174,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
 def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]) -> tuple[list, list]:
     """One full-precision forward per batch, recording the first block's hidden-state input and
@@ -194,11 +200,6 @@ def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: list[t
     return inputs, calls
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
-    args, kwargs = call
-    return _first(block(hidden, *args, **kwargs))
-
-
 def _capture_inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, call: tuple) -> dict[str, torch.Tensor]:
     """Run ``block`` once; the input of each named submodule (its first call), in call order."""
     seen: dict[str, torch.Tensor] = {}
@@ -210,7 +211,7 @@ def _capture_inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, ca
 
     handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
     try:
-        _run_block(block, hidden, call)
+        run_block(block, hidden, call)
     finally:
         for handle in handles:
             handle.remove()
@@ -239,82 +240,39 @@ def _stage_statistics(fp_block, q_block, pending, h_fp, h_q, calls) -> tuple[lis
 
 @torch.no_grad()
 def _block_error(q_block, h_q, targets, calls) -> float:
-    """Mean over batches of ``‖block_q(h_q) − block_fp(h_fp)‖² / ‖block_fp(h_fp)‖²``."""
-    errors = [_relative_error(_run_block(q_block, h, call), target) for h, target, call in zip(h_q, targets, calls)]
+    """Mean over batches of ``‖block_q(h_q) − block_fp(h_fp)‖² / ‖block_fp(h_fp)‖²`` (whatever the training loss)."""
+    errors = [relative_error(run_block(q_block, h, call), target) for h, target, call in zip(h_q, targets, calls)]
     return float(sum(errors) / len(errors))
 
 
-def _relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.float() - target.float()).square().sum() / target.float().square().sum().clamp_min(1e-30)
+def _new_layer(linear: nn.Linear, stats: LayerStatistics, fmt: QuantFormat, recipe: Recipe, options: dict,
+               seed: int) -> tuple[QuantizedLowRankLinear, dict]:
+    """The quantized layer of ``linear`` with the recipe's base and factor initialisation, and its
+    layer output errors (RTN, and the initialised layer's)."""
+    layer = QuantizedLowRankLinear.from_linear(linear, options["rank"], fmt, alpha=options["alpha"], seed=seed,
+                                               clipping=recipe.clipping)
+    with torch.no_grad():
+        if recipe.init == "closed_form":
+            base = layer.quantized_base.weight(torch.float64)
+            B, A = apiq_factors(linear.weight, base, stats, rank=layer.rank, scale=layer.scale, damp=options["damp"])
+            layer.B.copy_(B)
+            layer.A.copy_(A)
+        rtn = fake_quantize(linear.weight.detach(), fmt)
+        errors = {"rtn_error": output_error(linear.weight, rtn, stats),
+                  "apiq_error": output_error(linear.weight, layer.dense_weight(), stats)}
+    return layer, errors
 
 
-def _gradient_saliency(fp: nn.Module, targets: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``|W ⊙ ∂L/∂W|`` of each target, ``L`` the mean cross-entropy over the calibration batches."""
-    weights = [fp.get_submodule(name).weight for name in targets]
-    flags = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
-    grads = [torch.zeros_like(w) for w in weights]
-    try:
-        for ids in batches:
-            loss = fp(input_ids=ids, labels=ids).loss / len(batches)
-            for total, grad in zip(grads, torch.autograd.grad(loss, weights)):
-                total += grad
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-    return {name: (w.detach() * g).abs() for name, w, g in zip(targets, weights, grads)}
+def _regularizer(layers: dict, fp_block: nn.Module, scores: dict, saliency: str):
+    if saliency == PUBLISHED:
+        return FisherRegularizer(layers, scores)
+    return RelativeRegularizer(layers, {rel: fp_block.get_submodule(rel).weight for rel in layers}, scores)
 
 
-class _SaliencyRegularizer:
-    """``R`` of the module docstring over some layers: the mean of ``Σ S (W_eff − W)² / Σ S W²``."""
-
-    def __init__(self, layers: dict[str, QuantizedLowRankLinear], weights: dict[str, torch.Tensor],
-                 saliency: dict[str, torch.Tensor]) -> None:
-        self.terms = []
-        with torch.no_grad():
-            for name, layer in layers.items():
-                weight, score = weights[name].detach().float(), saliency[name].float()
-                # W_eff − W = s·BA − (W − Q(W)): the fixed part W − Q(W) is kept once.
-                residual = weight - layer.quantized_base.weight(torch.float32)
-                self.terms.append((layer, residual, score, float((score * weight.square()).sum()) or 1.0))
-
-    def __call__(self) -> torch.Tensor:
-        total = sum((score * (layer.delta_weight().float() - residual).square()).sum() / norm
-                    for layer, residual, score, norm in self.terms)
-        return total / len(self.terms)
-
-
-def _train_block(q_block, layers, h_q, targets, calls, *, steps, lr, reg_lambda, regularizer) -> list[dict]:
-    """ApiQ-bw's partial retraining of one block: the factors of ``layers`` (nothing else) minimise
-    the block's relative output error (+ ``λ R``), one calibration batch per step, in turn."""
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min(1.0, (t + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
-    )
-    history = []
-    with torch.enable_grad():
-        for step in range(steps):
-            j = step % len(h_q)
-            loss = _relative_error(_run_block(q_block, h_q[j], calls[j]), targets[j])
-            penalty = regularizer() if regularizer is not None else None
-            (loss if penalty is None else loss + reg_lambda * penalty).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step + 1, "loss": loss.item(), "regularizer": None if penalty is None else penalty.item()})
-    return history
-
-
-def _quantize_blocks(fp, q, targets, batches, fmt, options: dict, gradient_scores) -> dict:
-    """ApiQ, decoder block by decoder block (module docstring): initialise each target in closed
-    form on the statistics of its stage, then retrain the block's factors; feed the next block
-    the full-precision and the quantized block's outputs."""
+def _quantize_blocks(fp, q, targets, batches, fmt, recipe: Recipe, options: dict, model_scores) -> dict:
+    """ApiQ, decoder block by decoder block (module docstring): initialise each target on the
+    statistics of its stage, then retrain the block (:func:`lowrank.quant.retrain.train_block`)
+    and store its codes; feed the next block the full-precision and the quantized block's outputs."""
     layers_name, fp_blocks = decoder_layers(fp)
     _, q_blocks = decoder_layers(q)
     index = {name: i for i, name in enumerate(targets)}
@@ -333,37 +291,31 @@ def _quantize_blocks(fp, q, targets, batches, fmt, options: dict, gradient_score
             for rel in stage:
                 name = f"{layers_name}.{b}.{rel}"
                 linear = fp_block.get_submodule(rel)
-                layer = QuantizedLowRankLinear.from_linear(linear, options["rank"], fmt, alpha=options["alpha"],
-                                                           seed=derive_seed(options["seed"], index[name]))
-                with torch.no_grad():
-                    base = layer.quantized_base.weight(torch.float64)
-                    B, A = apiq_factors(linear.weight, base, stats[rel], rank=layer.rank, scale=layer.scale, damp=options["damp"])
-                    layer.B.copy_(B)
-                    layer.A.copy_(A)
-                errors[name] = {"rtn_error": output_error(linear.weight, base, stats[rel]),
-                                "apiq_error": output_error(linear.weight, layer.dense_weight(), stats[rel])}
+                layer, errors[name] = _new_layer(linear, stats[rel], fmt, recipe, options, derive_seed(options["seed"], index[name]))
                 if saliency == "activation":
                     scores[rel] = linear.weight.detach().abs() * stats[rel].input_norms().to(linear.weight)[None, :]
-                elif saliency == "gradient":
-                    scores[rel] = gradient_scores[name]
+                elif saliency is not None:
+                    scores[rel] = model_scores[name]
                 _set_module(q_block, rel, layer)
                 layers[rel] = layer
             pending = [rel for rel in pending if rel not in stage]
         with torch.no_grad():
-            targets_out = [_run_block(fp_block, h, call) for h, call in zip(h_fp, calls[b])]
+            targets_out = [run_block(fp_block, h, call) for h, call in zip(h_fp, calls[b])]
+            aug = [run_block(fp_block, h, call) for h, call in zip(h_q, calls[b])] if recipe.aug_loss and layers and steps else None
         if layers and steps:
-            regularizer = None
-            if saliency is not None:
-                weights = {rel: fp_block.get_submodule(rel).weight for rel in layers}
-                regularizer = _SaliencyRegularizer(layers, weights, scores)
+            regularizer = _regularizer(layers, fp_block, scores, saliency) if saliency is not None else None
+            weight_steps = round(recipe.weight_preservation * steps) if saliency == PUBLISHED else 0
             initial = _block_error(q_block, h_q, targets_out, calls[b])
-            history = _train_block(q_block, layers, h_q, targets_out, calls[b], steps=steps, lr=options["lr"],
-                                   reg_lambda=options["reg_lambda"], regularizer=regularizer)
+            history = train_block(q_block, layers, h_q, targets_out, aug, calls[b], recipe=recipe, steps=steps,
+                                  reg_lambda=recipe.saliency_lambda, regularizer=regularizer, weight_steps=weight_steps)
+        for layer in layers.values():
+            layer.freeze_base()
+        if layers and steps:
             blocks.append({"block": b, "initial": initial, "final": _block_error(q_block, h_q, targets_out, calls[b]),
                            "history": history})
         if b + 1 < len(fp_blocks):
             with torch.no_grad():
-                h_q = [_run_block(q_block, h, call) for h, call in zip(h_q, calls[b])]
+                h_q = [run_block(q_block, h, call) for h, call in zip(h_q, calls[b])]
             h_fp = targets_out
     return {"layers": errors, "blocks": blocks}
 
@@ -376,23 +328,29 @@ def quantize(
     calibration_batches: torch.Tensor | list[torch.Tensor],
     *,
     bits: int,
-    group_size: int = 128,
+    recipe: str = next(iter(RECIPES)),
+    method: str = METHODS[0],
+    group_size: int | None = None,
     flat: bool = False,
     rank: int = 64,
-    method: str = "apiq+saliency",
-    steps: int = DEFAULT_STEPS,
-    lr: float = DEFAULT_LR,
-    reg_lambda: float = DEFAULT_LAMBDA,
-    saliency: str = "activation",
+    steps: int | None = None,
+    lr: float | None = None,
+    reg_lambda: float | None = None,
+    saliency: str | None = None,
+    clipping: str | None = None,
+    batch_size: int | None = None,
     alpha: float | None = None,
     symmetric: bool = False,
     damp: float = 0.01,
-    batch_size: int = 4,
     target_modules: list[str] | str = "all-linear",
     exclude_modules: list[str] | str | None = None,
     seed: int = 0,
+    **settings: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize ``model``'s linear layers to ``bits`` with low-rank factors (module docstring).
+
+    Every retraining option left ``None`` takes the value of ``recipe``
+    (:data:`lowrank.quant.recipes.RECIPES`: ``"ours"`` or ``"apiq"``, ApiQ's released settings).
 
     Args:
         model: a causal LM; left untouched (a wrapped or OSP model is first made plain:
@@ -400,30 +358,49 @@ def quantize(
         calibration_batches: token ids, an ``(N, T)`` LongTensor (split into ``batch_size`` rows)
             or a list of ``(B, T)`` batches.
         bits: 2, 3, 4 or 8.
-        group_size: input channels per quantization group; must divide every target's input dimension.
+        recipe: the named settings the other options default to.
+        method: ``"apiq+saliency"``, ``"apiq"`` or ``"rtn"``.
+        group_size: input channels per quantization group; must divide every target's input
+            dimension (default: the recipe's for ``bits``).
         flat: groups of ``group_size`` consecutive entries of the flattened weight instead (they
             may span rows; the group size must divide each weight's number of entries).
         rank: rank of the factors (ApiQ uses 64 on 7B models).
-        method: ``"apiq+saliency"``, ``"apiq"`` or ``"rtn"``.
-        steps, lr: the retraining of each block (ApiQ methods; ``steps=0`` keeps the closed-form
-            initialisation).
-        reg_lambda: ``λ`` (``"apiq+saliency"`` only).
-        saliency: ``"activation"`` or ``"gradient"``.
-        alpha: scale numerator, ``s = alpha / rank`` (``None``: ``s = 1``).
+        steps: retraining steps per block (default: the recipe's; ``"apiq"`` counts 20 epochs
+            over the calibration batches); ``0`` keeps the initialisation.
+        lr: the factors' AdamW learning rate.
+        reg_lambda: ``λ`` of the saliency regularizer (``"apiq+saliency"`` only).
+        saliency: ``"fisher"`` (published), ``"activation"`` or ``"gradient"`` (ours):
+            :mod:`lowrank.quant.saliency`.
+        clipping: ``"learned"`` (ApiQ's) or ``"frozen"`` round-to-nearest codes.
+        batch_size: calibration sequences per retraining step when the batches are one tensor.
+        alpha: scale numerator, ``s = alpha / rank`` (default: the recipe's ``scale · rank``).
         symmetric: absmax grid instead of min–max with a zero point.
-        damp: the ridge ``δ`` relative to the mean input energy.
+        damp: the ridge ``δ`` of the closed-form initialisation, relative to the mean input energy.
+        settings: any other :class:`~lowrank.quant.recipes.Recipe` field (``epochs``,
+            ``weight_decay``, ``schedule``, ``grad_clip``, ``loss``, ``aug_loss``, ``init``,
+            ``clip_lr``, ``clip_weight_decay``, ``weight_preservation``).
 
     Returns:
         The quantized model (a copy; eval mode; ``A``/``B`` trainable, all else frozen) and a report:
-        ``{"method", "bits", "format", "group_size", "rank", "bits_per_weight", "layers": {name:
-        {"rtn_error", "apiq_error"}}, "blocks": [{"block", "initial", "final", "history"}],
+        ``{"method", "recipe", "bits", "format", "group_size", "rank", "bits_per_weight", "layers":
+        {name: {"rtn_error", "apiq_error"}}, "blocks": [{"block", "initial", "final", "history"}],
         "calibration_loss", "retraining", ...}``.
 
     Raises:
-        UsageError: bits outside {2, 3, 4, 8}, an unknown method, a group size or rank that does
-            not fit a layer, a target that is not an ``nn.Linear`` inside a decoder block.
+        UsageError: bits outside {2, 3, 4, 8}, an unknown method, recipe or option value, a group
+            size or rank that does not fit a layer, a target that is not an ``nn.Linear`` inside a
+            decoder block.
     """
-    _check_options(bits, method, rank, steps, lr, reg_lambda, saliency, damp)
+    if recipe not in RECIPES:
+        raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Recipe)} | ({"name", "group_size"} & set(settings)))
+    if unknown:
+        raise UsageError(f"quantize: unknown option(s) {', '.join(unknown)}")
+    chosen = RECIPES[recipe].replace(steps=steps, lr=lr, saliency_lambda=reg_lambda, saliency=saliency,
+                                     clipping=clipping, batch_size=batch_size, **settings)
+    _check_options(bits, method, rank, chosen, damp)
+    group_size = chosen.group_size[bits] if group_size is None else group_size
+    alpha = chosen.scale * rank if alpha is None else alpha
     try:
         fmt = QuantFormat("int", bits, group_size, symmetric=symmetric, flat=flat)
     except ValueError as error:
@@ -432,9 +409,11 @@ def quantize(
     fp = plain_model(model)
     was_training = fp.training
     fp.eval()
-    regularized = method == "apiq+saliency" and reg_lambda > 0 and steps > 0
     try:
-        batches = as_batches(calibration_batches, batch_size, next(fp.parameters()).device)
+        batches = as_batches(calibration_batches, chosen.batch_size, next(fp.parameters()).device)
+        steps = chosen.steps_per_block(len(batches)) if method != "rtn" else 0
+        regularized = method == "apiq+saliency" and chosen.saliency_lambda > 0 and steps > 0
+        saliency = chosen.saliency if regularized else None
         targets = _targets(fp, target_modules, exclude_modules, fmt, rank)
         q = copy.deepcopy(fp).requires_grad_(False)
         if method == "rtn":
@@ -443,10 +422,10 @@ def quantize(
                 _set_module(q, name, layer)
             result = {"layers": {}, "blocks": []}
         else:
-            gradient = _gradient_saliency(fp, targets, batches) if regularized and saliency == "gradient" else None
-            options = {"rank": rank, "alpha": alpha, "damp": damp, "seed": seed, "steps": steps,
-                       "lr": lr, "reg_lambda": reg_lambda, "saliency": saliency if regularized else None}
-            result = _quantize_blocks(fp, q, targets, batches, fmt, options, gradient)
+            scores = {"fisher": fisher_scores, "gradient": taylor_scores}.get(saliency)
+            options = {"rank": rank, "alpha": alpha, "damp": damp, "seed": seed, "steps": steps, "saliency": saliency}
+            result = _quantize_blocks(fp, q, targets, batches, fmt, chosen, options,
+                                      scores(fp, targets, batches) if scores else None)
         loss = validation_loss(q, batches)
         fp_loss = validation_loss(fp, batches)
     finally:
@@ -458,6 +437,7 @@ def quantize(
     base_bits = bits_per_weight(fmt)
     report = {
         "method": method,
+        "recipe": recipe,
         "bits": bits,
         "format": fmt.label,
         "group_size": group_size,
@@ -468,10 +448,11 @@ def quantize(
         "bits_per_weight": {"base": base_bits, "with_factors_bf16": base_bits + 16 * factors / dense},
         "calibration": {"batches": len(batches), "tokens": sum(b.numel() for b in batches)},
         "retraining": {
-            "steps_per_block": steps if method != "rtn" else 0,
-            "lr": lr if method != "rtn" and steps else None,
-            "lambda": reg_lambda if regularized else None,
-            "saliency": saliency if regularized else None,
+            "steps_per_block": steps,
+            "lr": chosen.lr if steps else None,
+            "lambda": chosen.saliency_lambda if regularized else None,
+            "saliency": saliency,
+            "settings": {k: v for k, v in dataclasses.asdict(chosen).items() if k != "group_size"} if method != "rtn" else None,
         },
         "calibration_loss": {"full_precision": fp_loss, "quantized": loss},
         **result,

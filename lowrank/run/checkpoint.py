@@ -38,6 +38,7 @@ __all__ = [
     "resolve_checkpoint",
     "list_checkpoints",
     "step_dir",
+    "checkpoint_step",
     "publish_checkpoint",
     "verify_checksums",
     "file_sha256",
@@ -60,6 +61,11 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{_PREFIX}{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint folder ``path`` (``step_00000042`` → 42)."""
+    return int(Path(path).name[len(_PREFIX):])
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under ``root`` (a ``checkpoints`` folder), oldest first."""
     root = Path(root)
@@ -77,8 +83,14 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     meta: dict[str, Any],
     keep: int = 2,
+    optimizer_state: dict[str, Any] | None = None,
+    extra_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    ``optimizer_state``: what ``optimizer.pt`` holds (default ``optimizer.state_dict()``).
+    ``extra_files``: files already written (e.g. each rank's shard of per-rank state), moved into
+    the checkpoint before it is published and checksummed with the others."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -87,11 +99,13 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer_state.pt")
-    checksums = {name: file_sha256(tmp / name) for name in _CHECKSUMMED}
+    for extra in extra_files:
+        os.replace(extra, tmp / Path(extra).name)
+    checksums = {name: file_sha256(tmp / name) for name in (*_CHECKSUMMED, *(Path(e).name for e in extra_files))}
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "checksums": checksums}, indent=2, default=str) + "\n")
-    for name in CHECKPOINT_FILES:
+    for name in (*CHECKPOINT_FILES, *(Path(e).name for e in extra_files)):
         fsync_file(tmp / name)
     publish_checkpoint(tmp, final, keep)
     for stale in root.glob(".tmp-*"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +15,10 @@ from torch import nn
 
 from ..errors import UsageError
 from ..methods import Method
+from ..precision import PARAM_DTYPES, PRECISIONS, compute_dtype
 
-__all__ = ["TrainConfig", "validate_config", "check_output_paths", "total_steps", "autocast_for"]
+__all__ = ["TrainConfig", "validate_config", "check_output_paths", "check_writable_folder", "check_writable_file",
+           "total_steps", "autocast_for"]
 
 
 @dataclass
@@ -46,8 +49,12 @@ class TrainConfig:
     seed: int = 0
     json_out: str | None = None
     precision: str = "auto"
+    # None: the preset's training.param_dtype (fp32 unless the preset says otherwise)
+    param_dtype: str | None = None
     device: str = "auto"
     compile: bool = False
+    # every decoder layer recomputed in backward (lowrank.checkpointing)
+    activation_checkpointing: bool = False
     progress: bool = True
     plot: bool = True
     cache_dir: str | None = None
@@ -103,30 +110,48 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.freeze_step is not None and cfg.comm not in ("onebit", "powersgd"):
         raise UsageError("--freeze-step is the full-precision warm-up of a compressing --comm: it needs --comm onebit "
                          "or --comm powersgd")
+    if cfg.param_dtype is not None and cfg.param_dtype not in PARAM_DTYPES:
+        raise UsageError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {cfg.param_dtype!r}")
+    if cfg.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if not isinstance(cfg.activation_checkpointing, bool):
+        raise UsageError(f"activation_checkpointing must be True or False, got {cfg.activation_checkpointing!r}")
     if not isinstance(cfg.overrides, dict):
         raise UsageError(f"overrides must be a dict of dotted keys, got {type(cfg.overrides).__name__}")
     check_output_paths(cfg)
 
 
-def _writable_dir(path: Path, option: str) -> None:
-    """``path`` is (or can become) a writable folder."""
+def check_writable_folder(path: Path, option: str) -> None:
+    """``path`` is (or can become) a folder we can write in; a one-line UsageError otherwise."""
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file, not a folder; pick a folder")
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: cannot create or write there ({existing} is not writable); pick another folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path}: cannot create or write there ({existing} is a file); pick another folder")
+    try:
+        # Ask the file system itself: permission bits say yes for root everywhere, also in /proc.
+        os.rmdir(tempfile.mkdtemp(prefix=".lowrank-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot create or write there ({existing}: {error.strerror or error}); "
+                         "pick another folder") from None
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """``path`` names a file (not a folder) that can be written, its folder created if needed."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name, e.g. {path / 'summary.json'}")
+    check_writable_folder(path.parent, f"{option}'s folder")
 
 
 def check_output_paths(cfg: TrainConfig) -> None:
     """``--out``, ``--cache-dir`` and ``--json-out`` can be written, before any work is done."""
-    _writable_dir(cfg.run_dir(), "--out")
+    check_writable_folder(cfg.run_dir(), "--out")
     if cfg.cache_dir:
-        _writable_dir(Path(cfg.cache_dir).expanduser(), "--cache-dir")
+        check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
     if cfg.json_out:
-        target = Path(cfg.json_out)
-        if target.is_dir():
-            raise UsageError(f"--json-out {target} is a folder; give a file name, e.g. {target / 'summary.json'}")
-        _writable_dir(target.parent, "--json-out's folder")
+        check_writable_file(Path(cfg.json_out), "--json-out")
 
 
 def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
@@ -137,12 +162,11 @@ def total_steps(cfg: TrainConfig, tokens_per_step: int) -> int:
     return steps
 
 
-def autocast_for(device: torch.device, precision: str):
-    """``(context manager, resolved precision)``: bf16 autocast on GPU by default, fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16), precision
-    if precision == "fp32":
-        return contextlib.nullcontext(), precision
-    raise UsageError(f"--precision must be auto, fp32 or bf16-mixed, got {precision!r}")
+def autocast_for(device: torch.device, precision: str, storage: torch.dtype = torch.float32):
+    """``(context manager, compute label)``: the compute dtype of :func:`lowrank.precision.compute_dtype`
+    as a context (autocast only for bf16 compute over fp32 storage) and its name for the logs:
+    ``fp32``, ``bf16`` (bf16 storage computing in bf16) or ``bf16-mixed`` (autocast)."""
+    dtype, autocast = compute_dtype(device, storage, precision)
+    if autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bf16-mixed"
+    return contextlib.nullcontext(), "bf16" if dtype == torch.bfloat16 else "fp32"

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from .checkpoint import list_checkpoints, read_trainer_state, resolve_checkpoint
+from ..files import atomic_write_bytes
+from .checkpoint import checkpoint_step, list_checkpoints, read_trainer_state, resolve_checkpoint
 
 __all__ = ["RunFolder", "CheckpointMeta", "ResumePoint", "structural_differences"]
 
@@ -54,7 +55,7 @@ class CheckpointMeta:
             meta = cls(config=dict(data.get("config") or {}), method=dict(data["method"]),
                        model_config=dict(data["model_config"]), wrapped=bool(data.get("wrapped")),
                        step=int(data.get("step", 0)))
-        except (ValueError, KeyError, TypeError, OSError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:  # AttributeError: not a JSON object
             raise UsageError(f"checkpoint {checkpoint}: meta.json is not a lowrank checkpoint's ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
         if "model_type" not in meta.model_config:
@@ -153,6 +154,30 @@ class RunFolder:
                 "start afresh with --overwrite, or pick another --out"
             )
         return None
+
+    def remove_stale_files(self) -> None:
+        """What a run killed inside a write leaves behind: the temporary ``latest.tmp<pid>`` of a
+        pointer swap and ``.tmp-step_N-<pid>`` folders of a checkpoint (``latest`` itself was never
+        touched: :func:`~lowrank.files.atomic_write_bytes`)."""
+        for stale in [*self.checkpoints.glob("latest.tmp*"), *self.checkpoints.glob(".tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+    def drop_checkpoints_after(self, step: int) -> list[Path]:
+        """Remove the checkpoints of steps after ``step`` (written from a state that went wrong) and
+        point ``latest`` at the newest one left, so that ``--resume latest`` never picks them.
+        Returns the checkpoints left, oldest first."""
+        kept = []
+        for checkpoint in list_checkpoints(self.checkpoints):
+            if checkpoint_step(checkpoint) > step:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            else:
+                kept.append(checkpoint)
+        pointer = self.checkpoints / "latest"
+        if kept:
+            atomic_write_bytes(pointer, (kept[-1].name + "\n").encode())
+        else:
+            pointer.unlink(missing_ok=True)
+        return kept
 
     def clear_checkpoints(self) -> None:
         """A fresh run with ``--overwrite``: drop the earlier run's checkpoints (and its metrics)."""

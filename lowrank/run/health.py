@@ -14,7 +14,10 @@ dead runs, decided from numbers the loop already has or can get in one cheap pas
   loss then sits at ``ln(vocab)``) stops after ``training.dead_steps`` such steps in a row.
 
 Every stop is a :class:`~lowrank.errors.UsageError` whose message names the last good checkpoint
-and how to resume from it with a lower learning rate.
+and what to change when resuming from it. A checkpoint is good when it comes from before the state
+that produced the first bad gradient of the streak that ended the run
+(:meth:`StepHealth.last_trusted_step`); the loop writes none while a streak is in progress, and a
+run that ends with a zero gradient is dead too (:meth:`StepHealth.check_alive_at_end`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,27 @@ class StepHealth:
             raise StopTraining(f"the gradient norm was non-finite for {self.skipped_in_a_row} steps in a row "
                                f"(training.max_skipped_steps={self.max_skipped_steps}): training diverged")
         return True
+
+    @property
+    def bad_in_a_row(self) -> int:
+        """How many of the last steps seen in a row had a zero or a non-finite gradient (0: the last was healthy)."""
+        return max(self.zero_in_a_row, self.skipped_in_a_row)
+
+    def last_trusted_step(self, seen: int) -> int:
+        """The newest state to resume from once step ``seen``'s gradient has been checked.
+
+        Step ``k``'s gradient is computed on the state after step ``k − 1``. When the last
+        ``n = bad_in_a_row`` gradients were zero or non-finite, the state after ``seen − n`` is the
+        one that first produced a bad gradient (on the same data a resume replays it, whatever the
+        lr), and every later state is as dead or as broken: only states up to ``seen − n − 1`` are trusted."""
+        return seen - self.bad_in_a_row - 1
+
+    def check_alive_at_end(self) -> None:
+        """A run that ends with an exactly zero gradient is dead (nothing can learn from it), however
+        few steps that lasted: stop rather than report it a success (``dead_steps=0``: never)."""
+        if self.dead_steps and self.zero_in_a_row:
+            raise StopTraining(f"the gradient was exactly zero for the last {self.zero_in_a_row} steps of the run: the run "
+                               "is dead (the loss sits at ln(vocab); usually a learning rate far too high)")
 
 
 class StopTraining(Exception):

@@ -39,18 +39,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import accounting
+from ..checkpointing import check_activation_checkpointing
 from ..data import build_data
 from ..distributed import Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message
 from ..distributed.strategy import check_comm, make_strategy
+from ..dtypes import dtype_name
 from ..errors import UsageError
-from ..methods import apply_method, build_controller, build_optimizer, load_method, param_groups
+from ..methods import apply_method, build_controller, build_optimizer, dense_adamw_override, load_method, param_groups
 from ..models import build_model, load_model_config
+from ..precision import param_dtype
 from ..wrap import count_parameters, is_wrapped
-from .checkpoint import list_checkpoints
+from .checkpoint import checkpoint_step, list_checkpoints
 from .config import TrainConfig, autocast_for, total_steps, validate_config
 from .folder import CheckpointMeta, RunFolder, structural_differences
 from .health import StepHealth, StopTraining, first_nonfinite
 from .metrics import MetricsLogger
+from .step import optimizer_step, prepare_model
 
 __all__ = ["Phase", "plan_phases", "Trainer", "pretrain"]
 
@@ -84,7 +88,6 @@ class Trainer:
         self.cfg = cfg
         self.dist, self.device = init_distributed(cfg.device, cfg.dist_timeout, always_group=cfg.strategy == "fsdp2")
         self.heartbeat = Heartbeat(self.dist)
-        self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.folder = RunFolder(cfg.run_dir())
         # The policy is applied (and --resume read) before anything is written.
         self.resume = self.folder.open(resume=cfg.resume, overwrite=cfg.overwrite, world_size=self.dist.world_size)
@@ -109,7 +112,13 @@ class Trainer:
         self.method = load_method(cfg.method).with_overrides(cfg.overrides, rank=cfg.rank, lr=cfg.lr,
                                                              cycle_length=cfg.cycle_length)
         check_comm(cfg.comm, cfg.strategy, self.method)
+        self.activation_checkpointing = cfg.activation_checkpointing or self.method.training.activation_checkpointing
+        self.param_dtype = param_dtype(cfg.param_dtype or self.method.training.param_dtype)
+        self.method = self.method.with_overrides(dense_adamw_override(self.method.optimizer.name, self.param_dtype, None))
+        self.autocast, self.precision = autocast_for(self.device, cfg.precision, self.param_dtype)
+        self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # of the weights' math
         self.strategy = make_strategy(cfg.strategy, self.dist, self.device, comm=cfg.comm, precision=self.precision)
+        self._check_storage()
         if self.strategy.sharded and self.method.warm_start_steps:
             raise UsageError("--strategy fsdp2 does not run a dense warm start (lowrank.warm_start_steps): the model would "
                              "be re-wrapped while sharded; set lowrank.warm_start_steps=0 or use --strategy ddp")
@@ -123,6 +132,22 @@ class Trainer:
         # --comm onebit / powersgd send full gradients until this step (default: the LR warm-up)
         self.compress_from = cfg.freeze_step or max(1, warmup)
         self._check_method_fits()
+
+    def _check_storage(self) -> None:
+        """bf16 storage steps each parameter in fp32 through the optimizer's per-parameter step:
+        refuse, in one line, what cannot do that yet."""
+        if self.param_dtype == torch.float32:
+            return
+        cfg = self.cfg
+        if cfg.optimizer_factory is not None:
+            raise UsageError("--param-dtype bf16 steps each parameter through lowrank's optimizers (ProjectedAdamW, Muon); "
+                             "an optimizer_factory's optimizer has no per-parameter step: use param_dtype='fp32' with it")
+        if cfg.comm == "onebit":
+            raise UsageError("--param-dtype bf16 with --comm onebit: 1-bit Adam updates all parameters at once from "
+                             "compressed momenta; use --param-dtype fp32 with it, or another --comm")
+        if self.strategy.sharded:
+            raise UsageError("--param-dtype bf16 with --strategy fsdp2 is not supported yet: FSDP2 shards keep fp32 "
+                             "parameters; use --strategy ddp for bf16 storage, or fp32 with FSDP2 (bf16 compute on GPU)")
 
     def _build_data(self):
         """Tokenizer, loaders and validation chunks; the model config takes the tokenizer's ids."""
@@ -144,6 +169,8 @@ class Trainer:
         does not fit a layer fails here, before the data is tokenized or anything is written."""
         model = build_model(self.model_config, device="meta")
         apply_method(model, self.method, seed=self.cfg.seed, lowrank=True)
+        if self.activation_checkpointing:
+            check_activation_checkpointing(model)
         if self.cfg.optimizer_factory is None:
             build_optimizer(model, self.method, seed=self.cfg.seed)
 
@@ -157,6 +184,10 @@ class Trainer:
         """Make the model, optimizer and controller of ``phase``, starting at ``self.step``."""
         self.phase = phase
         apply_method(self.model, self.method, seed=self.cfg.seed, lowrank=not phase.dense)
+        # On the bare model, before DDP / FSDP2 / compile wrap it (the checkpointing flag lives on the
+        # decoder layers, which every phase keeps): bf16 storage of what the method just added too.
+        prepare_model(self.model, storage=self.param_dtype, compute=self.compute_dtype,
+                      activation_checkpointing=self.activation_checkpointing)
         previous = self.optimizer.state if (carry_state and self.optimizer is not None) else {}
         # Drop the old DDP wrapper first: its reducer's gradient hooks go with it.
         self.module = None
@@ -250,7 +281,8 @@ class Trainer:
                 # buffer broadcast in forward), so a rank that stalls is the one behind
                 self.heartbeat.beat(self.step + 1)
             with self.strategy.sync_context(self.module, micro == cfg.grad_accum - 1), self.autocast:
-                loss = self.module(input_ids=batch, labels=batch).loss
+                # no KV cache in training (transformers would turn it off under checkpointing, with a warning)
+                loss = self.module(input_ids=batch, labels=batch, use_cache=False).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
         grad_clip = self.method.training.grad_clip
@@ -260,7 +292,8 @@ class Trainer:
         # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
         self.skipped = self.health.should_skip(grad_norm)
         if not self.skipped:
-            self.optimizer.step()
+            optimizer_step(self.optimizer, storage=self.param_dtype, rounding=self.method.training.bf16_rounding,
+                           seed=self.cfg.seed, step=self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.event = self.controller.step()
         self.step += 1
@@ -273,14 +306,14 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss on the fixed validation chunks (sharded over ranks, then summed)."""
         self.module.eval()
-        shard = self.strategy.validation_shard(self.data.valid)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
-        for start in range(0, shard.shape[0], self.cfg.batch_size):
-            batch = shard[start : start + self.cfg.batch_size].to(self.device)
+        # every chunk once over the ranks; a batch not counted only keeps FSDP2's collectives in step
+        for batch, counted in self.strategy.validation_batches(self.data.valid, self.cfg.batch_size):
+            batch = batch.to(self.device)
             with self.autocast:
                 loss = self.model(input_ids=batch, labels=batch).loss
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            tokens = batch.shape[0] * (batch.shape[1] - 1) if counted else 0
             loss_sum += loss.double() * tokens
             count += tokens
         if self.dist.enabled:
@@ -289,16 +322,34 @@ class Trainer:
         self.module.train()
         return float(loss_sum / count.clamp_min(1))
 
-    def _diverged(self, reason: str) -> UsageError:
-        """The stop message: what happened, and which checkpoint to go back to."""
-        lr = self.method.optimizer.lr
-        good = list_checkpoints(self.folder.checkpoints)
-        if good:
-            hint = (f"the last good checkpoint is {good[-1]}; resume from it with a lower learning rate, "
-                    f"e.g. --resume {good[-1]} --lr {lr / 2:g}")
+    def _diverged(self, reason: str, seen: int) -> UsageError:
+        """The stop message once step ``seen`` went wrong: what happened, the newest checkpoint from
+        before the state that went wrong (:meth:`StepHealth.last_trusted_step`), and what to change."""
+        trusted = self.health.last_trusted_step(seen)
+        if self.dist.main:
+            good = self.folder.drop_checkpoints_after(trusted)
         else:
-            hint = f"no checkpoint was written before; start again with a lower --lr (e.g. {lr / 2:g}) or a longer warm-up"
-        return UsageError(f"{reason} (step {self.step}): training stopped and nothing of this state was saved; {hint}")
+            good = [c for c in list_checkpoints(self.folder.checkpoints) if checkpoint_step(c) <= trusted]
+        why, flags = self._remedy()
+        if good:
+            hint = f"the last good checkpoint is {good[-1]}; resume from it with {why}, e.g. --resume {good[-1]} {flags}"
+        else:
+            hint = f"no checkpoint was written before step {max(trusted, 0) + 1}; start again with {why} ({flags})"
+        return UsageError(f"{reason} (step {seen}): training stopped and nothing of this state was saved; {hint}")
+
+    def _remedy(self) -> tuple[str, str]:
+        """What would prevent the blow-up, in words and as flags: an eps of 0 first (Adam divides by
+        sqrt(v) + eps, and v is 0 wherever a gradient entry is), else an lr back in the preset's range
+        (halving 1e6 does not help), else half the lr."""
+        preset = load_method(self.cfg.method).optimizer
+        settings = self.method.optimizer
+        if settings.eps == 0:
+            eps = preset.eps or 1e-8
+            return "an eps above 0 (Adam divides by sqrt(v) + eps)", f"--set optimizer.eps={eps:g}"
+        if settings.lr > preset.lr:
+            return (f"a learning rate in the preset's range ({preset.lr / 10:g} to {preset.lr:g}; lr {settings.lr:g} diverged)",
+                    f"--lr {preset.lr:g}")
+        return "a lower learning rate or a longer warm-up", f"--lr {settings.lr / 2:g}"
 
     def _checkpoint(self) -> None:
         # Only a finite state becomes a checkpoint: one foreach norm over weights and moments.
@@ -306,7 +357,7 @@ class Trainer:
         named += [(f"optimizer state {key}", value) for state in self.optimizer.state.values() for key, value in state.items()]
         bad = first_nonfinite(self.strategy.local_tensors(named))
         if self.strategy.any_rank(bad is not None):
-            raise self._diverged(f"{bad or 'a tensor on another rank'} became non-finite")
+            raise self._diverged(f"{bad or 'a tensor on another rank'} became non-finite", self.step)
         # A streamed corpus has a different position on every rank: keep all of them.
         data_states = [self.data.train.state_dict()]
         if self.dist.enabled:
@@ -329,6 +380,8 @@ class Trainer:
         cfg, is_main = self.cfg, self.dist.main
         if is_main and self.resume is None:
             self.folder.clear_checkpoints()  # --overwrite, now that every check has passed
+        if is_main:
+            self.folder.remove_stale_files()
         logger = MetricsLogger(self.folder.metrics, self.step, self.folder.tensorboard) if is_main else None
         if is_main:
             self.folder.save_tokenizer(self.data.tokenizer)
@@ -347,7 +400,7 @@ class Trainer:
             try:
                 loss, grad_norm, lr = self._train_step()
             except StopTraining as stop:
-                raise self._diverged(str(stop)) from None
+                raise self._diverged(str(stop), self.step + 1) from None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - started
@@ -373,7 +426,15 @@ class Trainer:
                 if is_main:
                     logger.log({"step": self.step, "tokens": tokens, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
                     bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+            if self.step == self.total_steps:
+                try:
+                    self.health.check_alive_at_end()
+                except StopTraining as stop:
+                    raise self._diverged(str(stop), self.step) from None
+                self._checkpoint()
+            elif cfg.save_every and self.step % cfg.save_every == 0 and not self.health.bad_in_a_row:
+                # not while the gradient is zero or non-finite: that state may be the dead one, and
+                # pruning (--keep-checkpoints) would drop the good checkpoints from before it
                 self._checkpoint()
         bar.close()
         summary = self._summary(step_times, recent_losses, val_loss)
@@ -424,6 +485,8 @@ class Trainer:
             "comm_bytes_total": self.strategy.comm_record().get("comm_bytes_total"),
             "parameter_hashes": hashes,
             "precision": self.precision,
+            "param_dtype": dtype_name(self.param_dtype),
+            "activation_checkpointing": self.activation_checkpointing,
             "run_dir": str(self.folder.path),
         }
 

@@ -23,6 +23,7 @@ import tiny_models  # noqa: E402
 
 from lowrank.layers import LowRankLinear  # noqa: E402
 from lowrank.optim import ProjectedAdamW  # noqa: E402
+from lowrank.optim.shard import sparse_rows  # noqa: E402
 from lowrank.restarts import RestartController  # noqa: E402
 from lowrank.wrap import LowRankConfig, lowrank_layers, wrap  # noqa: E402
 
@@ -44,6 +45,7 @@ class Case:
     cycle: int | None = CYCLE
     lr: float = 3e-3
     weight_decay: float = 0.0
+    checkpointing: bool = False  # every decoder layer recomputed in backward (lowrank.checkpointing)
 
 
 CASES = {
@@ -58,6 +60,9 @@ CASES = {
                             event="refactorize", reset="changed"),
     "relora": Case(lowrank={"rank": 8, "keep_base": True}, event="merge", reset="changed"),
     "stable_spam": Case(other={"adaptive_clip": True, "norm_scaling": True}, cycle=None),
+    # low_rank_refactorize with its layers recomputed in backward
+    "low_rank_checkpointed": Case(lowrank={"rank": 8, "sparse_density": 0.05}, event="refactorize", reset="changed",
+                                  checkpointing=True),
 }
 
 # Sparse momentum on both sides of the projection, sparse and dense moments: every way the
@@ -77,6 +82,15 @@ def build_model(case: Case) -> torch.nn.Module:
     model = tiny_models.build("llama", seed=0)
     if case.lowrank is not None:
         wrap(model, LowRankConfig(**case.lowrank))
+    if case.checkpointing:
+        from lowrank.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model.train())  # transformers recomputes only in training mode
+    # MLP runs, counted: a recomputed layer runs twice per step (a pre-hook: the recomputation
+    # stops inside the MLP, at its last saved tensor)
+    model.mlp_runs = [0]
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: model.mlp_runs.__setitem__(0, model.mlp_runs[0] + 1))
     return model
 
 
@@ -130,7 +144,7 @@ def replicated_state_hash(optimizer: ProjectedAdamW) -> str:
             for key, value in sorted(optimizer.state.get(p, {}).items()):
                 if not torch.is_tensor(value) or isinstance(value, DTensor):
                     continue
-                if key.startswith("exp_avg") and optimizer._sparse_rows(p, group):
+                if key.startswith("exp_avg") and sparse_rows(p.shape, group):
                     continue  # this rank's slice of the subset
                 digest.update(key.encode())
                 digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -201,6 +215,7 @@ def run_case(case: Case, shard=None) -> dict:
     optimizer = build_optimizer(model, case)
     controller = build_controller(model, optimizer, case, STEPS)
     result = train(model, optimizer, controller, range(STEPS), check_events=True)
+    result["mlp_runs"] = model.mlp_runs[0]
     result["parameters"] = full_parameters(model)
     result["subsets"] = subsets(model, optimizer)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -221,7 +236,7 @@ def subsets(model: torch.nn.Module, optimizer: ProjectedAdamW) -> dict[str, torc
         if indices is None:
             continue
         parts = [indices.cpu()]
-        if size > 1 and optimizer._sparse_rows(p, optimizer._group_of(p)):  # else replicated: rank 0's is all
+        if size > 1 and sparse_rows(p.shape, optimizer._group_of(p)):  # else replicated: rank 0's is all
             parts = [None] * size
             dist.all_gather_object(parts, indices.cpu())
         found[name] = torch.cat(parts)
