@@ -131,7 +131,7 @@ def test_bf16_ddp_ranks_stay_identical(corpus, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lowrank", "pretrain",
         "--method", "lowrank_sparse", "--model", "tiny", "--data", corpus["data"], "--tokenizer", corpus["tokenizer"],
         "--rank", "8", "--batch-size", "2", "--seq-len", "32", "--max-steps", "5", "--eval-every", "0", "--eval-tokens", "2048",
-        "--set", "restarts.cycle_length=3", "--param-dtype", "bf16", "--out", str(out), "--json-out", str(out / "ddp.json"),
+        "--set", "restarts.cycle_length=3", "--set", "restarts.rewarmup_steps=1", "--param-dtype", "bf16", "--out", str(out), "--json-out", str(out / "ddp.json"),
         "--no-progress", "--no-plot",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

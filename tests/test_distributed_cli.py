@@ -150,7 +150,10 @@ def assert_losses_agree(two, one, reset_at: int | None) -> None:
         assert difference <= bound, f"step {step}: loss difference {difference:.2e} > {bound:.2e} after the reset"
 
 
-def assert_weights_agree(a: dict, b: dict, run_dir) -> None:
+RELATIVE_AFTER_RESET = 1e-2  # per-tensor ‖a − b‖_F / ‖b‖_F once a reset has acted (see assert_weights_agree)
+
+
+def assert_weights_agree(a: dict, b: dict, run_dir, reset: bool = False) -> None:
     """Two runs' exported weights agree: all but ``OUTLIERS`` of the entries within ``ATOL``, and
     none by more than two Adam steps (``2·lr``, the run's largest lr).
 
@@ -163,6 +166,17 @@ def assert_weights_agree(a: dict, b: dict, run_dir) -> None:
     reduction bug moves most entries, by far more.
     """
     assert a.keys() == b.keys()
+    if reset:
+        # Once a reset has acted, the entries flipped by it keep moving apart for every step after it
+        # (assert_losses_agree), and a refactorization then rotates them into other entries of the
+        # product: how many and how far depends on the BLAS path (130 entries up to 4.6e-4 on an AMD
+        # EPYC, 8,510 up to 4.4e-3 on an Intel Xeon). They stay a minority of small moves: per tensor
+        # the relative Frobenius difference was at most 1.6e-3, where a sharding, gather or reduction
+        # bug moves most entries by their own size (a relative difference of order 1).
+        for key in a:
+            relative = float((a[key].double() - b[key].double()).norm() / b[key].double().norm().clamp_min(1e-30))
+            assert relative <= RELATIVE_AFTER_RESET, f"{key}: relative difference {relative:.2e} > {RELATIVE_AFTER_RESET:g}"
+        return
     lr = max(r["lr"] for r in step_records(run_dir))
     total = outliers = 0
     worst = 0.0
@@ -305,7 +319,7 @@ def test_fsdp2_matches_one_process(runs, method, tmp_path):
     assert len(s2["parameter_hashes"]) == 2 and len(set(s2["parameter_hashes"])) == 1  # the gathered model, on both ranks
     assert_losses_agree(two, one, reset_at=CYCLE if method in EVENTS else None)
     # the weights after `lowrank export` (dense products: free of the SVD sign, see the module docstring)
-    assert_weights_agree(dense_weights(two, tmp_path), dense_weights(one, tmp_path), one)
+    assert_weights_agree(dense_weights(two, tmp_path), dense_weights(one, tmp_path), one, reset=method in EVENTS)
     events2 = [(r["step"], r["event"], r["layers"]) for r in records(two) if "event" in r]
     events1 = [(r["step"], r["event"], r["layers"]) for r in records(one) if "event" in r]
     if method in EVENTS:  # tiny: 2 decoder layers × 7 linear layers, every one refactorized / merged
