@@ -225,26 +225,28 @@ def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | N
     return out.view(value.shape)
 
 
-def step_from_bf16(step_param, param: torch.Tensor, rounding: str, generator: torch.Generator | None) -> None:
-    """Update one bf16 parameter in fp32 and write it back rounded.
+@torch.no_grad()
+def step_from_bf16(step_param, param: torch.Tensor, rounding: str, generator: torch.Generator | None,
+                   grad: torch.Tensor | None = None) -> None:
+    """Update one bf16 parameter in fp32 and write it back rounded (``grad``: default ``param.grad``).
 
-    ``step_param(param)`` is the optimizer's per-parameter update (the same function its
-    ``step()`` runs). For its duration ``param`` holds an fp32 copy of its value and gradient, so
-    the update — weight decay, moments, projection, everything — is computed in fp32 and the
-    optimizer's state is created in fp32; then the new value is rounded once into the bf16
-    storage (:func:`round_to_bf16`). Only one parameter's fp32 copy exists at a time.
+    ``step_param(param, grad, value=work)`` is the optimizer's per-parameter update (the same
+    function its ``step()`` runs), here applied to ``work``, an fp32 copy of the parameter, from
+    the gradient in fp32: the update — weight decay, moments, projection, everything — is computed
+    in fp32 and the optimizer's state is created in fp32; then the new value is rounded once into
+    the bf16 storage (:func:`round_to_bf16`). Only one parameter's fp32 copy exists at a time.
+    The parameter itself never changes dtype: that would drop its gradient accumulator, and with
+    it the hooks DDP registered there (its ranks would stop averaging gradients).
     """
-    stored, grad = param.data, param.grad
-    param.grad = None
-    param.data = stored.float()
-    param.grad = grad.float()
-    try:
-        step_param(param)
-        stored.copy_(round_to_bf16(param.data, rounding, generator))
-    finally:
-        param.grad = None
-        param.data = stored
-        param.grad = grad
+    grad = param.grad if grad is None else grad
+    work = param.detach().float()  # an FSDP2 shard stays a DTensor: the optimizer reads its placement
+    step_param(param, grad.float(), value=work)
+    _local(param.detach()).copy_(round_to_bf16(_local(work), rounding, generator))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 (DTensor) parameter's local shard, where the rounding happens; else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def step_bf16(optimizer: torch.optim.Optimizer, rounding: str, *, seed: int, step: int) -> None:

@@ -92,6 +92,23 @@ GALORE_DDP = ["--method", "galore", "--rank", str(RANK), "--set", f"optimizer.ma
 CHECKPOINTING = "--activation-checkpointing"
 CHECKPOINTED = {"fsdp2_lowrank_sparse": [*METHODS["lowrank_sparse"], "--strategy", "fsdp2"], "ddp_galore": GALORE_DDP}
 
+# The optimizer step inside backward, each against the same run stepping after backward (no
+# clipping: the layerwise clip uses the previous step's norm, tests/test_layerwise.py): FSDP2 with
+# refactorizations and accumulation (the step runs on the shards after the reduce-scatter), FSDP2
+# GaLore (projector refreshes are collectives inside the hooks), DDP GaLore (after each bucket's
+# all-reduce; the reference is ddp_galore).
+LAYERWISE = "--layerwise-step"
+LAYERWISE_RUNS = {
+    "fsdp2_restarts_accum": ["--method", "low_rank_restarts", "--rank", str(RANK), *RESTARTS, *FLAT, "--grad-accum", "2",
+                             "--set", "training.grad_clip=0", "--strategy", "fsdp2"],
+    "fsdp2_galore": [*GALORE_DDP, "--strategy", "fsdp2"],
+    # bf16 storage: the step never changes a parameter's dtype, so DDP's gradient hooks stay (ranks identical)
+    "ddp_bf16_sparse": ["--method", "lowrank_sparse", "--rank", str(RANK), *RESTARTS, "--param-dtype", "bf16",
+                        "--set", "training.grad_clip=0"],
+    "fsdp2_bf16": ["--method", "low_rank", "--rank", str(RANK), "--param-dtype", "bf16", "--set", "training.grad_clip=0",
+                   "--strategy", "fsdp2"],
+}
+
 
 def pretrain_args(corpus, out, cache, *extra, batch=PER_RANK_BATCH, steps=STEPS):
     return ["pretrain", "--model", "tiny", "--data", corpus["data"], "--tokenizer", corpus["tokenizer"],
@@ -254,6 +271,15 @@ class Runs:
         # the runs above again, every decoder layer recomputed in backward (test_activation_checkpointing_*)
         plan += [{"name": f"{name}_checkpointed", "argv": self.args_two(f"{name}_checkpointed", *extra, CHECKPOINTING)}
                  for name, extra in CHECKPOINTED.items()]
+        for name, extra in LAYERWISE_RUNS.items():
+            plan += [{"name": f"ordinary_{name}", "argv": self.args_two(f"ordinary_{name}", *extra)},
+                     {"name": f"layerwise_{name}", "argv": self.args_two(f"layerwise_{name}", *extra, LAYERWISE)}]
+        restarts = [*LAYERWISE_RUNS["fsdp2_restarts_accum"], LAYERWISE]
+        plan += [
+            {"name": "layerwise_ddp_galore", "argv": self.args_two("layerwise_ddp_galore", *GALORE_DDP, LAYERWISE)},
+            {"name": "layerwise_stop", "argv": self.args_two("layerwise_stop", *restarts, steps=STOP)},
+            {"name": "layerwise_resume", "argv": self.args_two("layerwise_stop", *restarts, "--resume", "latest")},
+        ]
         return plan
 
     def record(self, name: str, rank: int = 0) -> dict:
@@ -287,7 +313,7 @@ def runs(corpus, tmp_path_factory):
             capture_output=True, text=True, timeout=120, env={k: v for k, v in env.items() if k not in ("RANK", "MASTER_ADDR")},
             cwd=base)
         state.timings["plain_fsdp2"] = time.perf_counter() - t
-        ranks.wait(timeout=400)
+        ranks.wait(timeout=900)
     except BaseException:
         ranks.kill()
         raise
@@ -477,6 +503,31 @@ def test_activation_checkpointing_keeps_the_run(runs, name):
     assert summary(recomputed)["parameter_hashes"] == summary(plain)["parameter_hashes"]
     warnings = [line for line in runs.record(f"{name}_checkpointed")["stderr"].splitlines() if "warn" in line.lower()]
     assert not warnings, warnings  # nothing printed per step (nor once)
+
+
+# ---------------------------------------------------------------------- the optimizer step inside backward
+
+
+@pytest.mark.parametrize("name", [*LAYERWISE_RUNS, "ddp_galore"])
+def test_layerwise_step_on_two_ranks_is_the_ordinary_step(runs, name):
+    """Bit for bit: the same reduced gradients, the same per-parameter update (FSDP2: on the
+    local shards after the reduce-scatter; DDP: after each bucket's all-reduce), ranks identical."""
+    reference = runs.two(name if name == "ddp_galore" else f"ordinary_{name}")
+    layerwise = runs.two(f"layerwise_{name}")
+    for rank in (0, 1):
+        assert runs.record(f"layerwise_{name}", rank)["rc"] == 0, runs.record(f"layerwise_{name}", rank)["stderr"][-3000:]
+    assert summary(layerwise)["layerwise_step"] and not summary(reference)["layerwise_step"]
+    assert len(set(summary(reference)["parameter_hashes"])) == 1  # the ordinary run's ranks agree too
+    assert losses(layerwise) == losses(reference)
+    hashes = summary(layerwise)["parameter_hashes"]
+    assert len(set(hashes)) == 1 and hashes == summary(reference)["parameter_hashes"]
+
+
+def test_layerwise_step_resumes_bit_identically_under_fsdp2(runs):
+    full, stopped = runs.two("layerwise_fsdp2_restarts_accum"), runs.two("layerwise_stop")
+    assert runs.record("layerwise_stop")["rc"] == 0 and runs.record("layerwise_resume")["rc"] == 0
+    assert losses(stopped) == losses(full)
+    assert summary(stopped)["parameter_hashes"] == summary(full)["parameter_hashes"]
 
 
 # ---------------------------------------------------------------------- bad input

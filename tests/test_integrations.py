@@ -336,3 +336,10 @@ def test_example_runs_under_two_cpu_processes(launcher, corpus, tmp_path):
     assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "refactorize of 14 layers" in result.stdout, result.stdout
     assert (out / "model" / "config.json").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_callback_refuses_the_optimizer_step_inside_backward(tmp_path):
+    """The Trainer owns backward and optimizer.step(): a layerwise preset is refused with the way out."""
+    method = restarts_method().with_overrides({"training.layerwise_step": True})
+    with pytest.raises(ValueError, match=r"training.layerwise_step=true: .* lowrank pretrain --layerwise-step"):
+        Trainer(model=build("llama"), args=training_args(tmp_path), train_dataset=counting_data(), callbacks=[LowRankCallback(method)])

@@ -157,12 +157,16 @@ def test_step_from_bf16_runs_the_update_in_fp32_and_rounds_once():
     param.grad = torch.full((64,), 1.0, dtype=torch.bfloat16)
     seen = {}
 
-    def step_param(p):
-        seen["dtypes"] = (p.dtype, p.grad.dtype)
-        p.data.add_(p.grad, alpha=-1e-4)  # far below half a bf16 ulp of 1.0
+    def step_param(p, grad, value):
+        assert p is param  # the parameter names the state; the update goes to value
+        seen["dtypes"] = (p.dtype, grad.dtype, value.dtype)
+        value.add_(grad, alpha=-1e-4)  # far below half a bf16 ulp of 1.0
 
+    accumulator = param.view_as(param).grad_fn.next_functions[0][0]  # the parameter's AccumulateGrad node
     step_from_bf16(step_param, param, "nearest", None)
-    assert seen["dtypes"] == (torch.float32, torch.float32)
+    # the parameter keeps its dtype throughout (a dtype change would drop its AccumulateGrad node and DDP's hooks on it)
+    assert seen["dtypes"] == (torch.bfloat16, torch.float32, torch.float32)
+    assert param.view_as(param).grad_fn.next_functions[0][0] is accumulator
     assert param.dtype == torch.bfloat16 and param.grad.dtype == torch.bfloat16
     assert torch.all(param == 1.0)  # nearest rounding loses it
     generator = _generator(13)

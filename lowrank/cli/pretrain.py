@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--activation-checkpointing", action="store_true",
         help="recompute every decoder layer in backward (non-reentrant): keeps one input per layer instead of its "
              "activations, for one extra forward per layer")
+    add("--layerwise-step", action="store_true",
+        help="update each parameter inside backward as soon as its gradient is complete and free the gradient (no full "
+             "gradient set held; one process and FSDP2; DDP composes with --comm none/bf16/fp16/powersgd). Clipping uses "
+             "the previous step's global norm; a non-finite gradient skips that parameter's update")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--no-plot", action="store_true", help="skip the loss-curve PNG")
     add("--set", action="append", default=[], metavar="KEY=VALUE",

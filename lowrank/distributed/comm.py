@@ -162,6 +162,29 @@ def _one_bucket_at_a_time(hook: Callable) -> Callable:
     return ordered_hook
 
 
+def _then_step(hook: Callable, after_reduce: Callable[[dist.GradBucket], None]) -> Callable:
+    """``hook``, then ``after_reduce(bucket)`` once the bucket's buffer holds the averaged gradient
+    (the optimizer step inside backward, :mod:`lowrank.run.layerwise`).
+
+    Waits for the bucket's reduction in the hook itself, on the thread that runs backward, rather
+    than in a future callback (torch's ``_hook_then_optimizer``): gloo runs callbacks on its
+    worker threads, where two buckets' steps could run at once and in a different order on each
+    rank. The price is the overlap of a bucket's reduction with the next bucket's backward.
+    """
+
+    def hook_then_step(hook_state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        reduced = hook(hook_state, bucket).wait()
+        buffer = bucket.buffer()
+        if reduced.data_ptr() != buffer.data_ptr():
+            buffer.copy_(reduced)  # bucket.gradients() are views of the buffer
+        after_reduce(bucket)
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+
+    return hook_then_step
+
+
 def _bucket_bytes(itemsize: int | None = None) -> Callable[[dist.GradBucket], dict[str, int]]:
     def count(bucket: dist.GradBucket) -> dict[str, int]:
         buffer = bucket.buffer()
@@ -320,6 +343,7 @@ def register_comm_hook(
     optimizer: torch.optim.Optimizer | None = None,
     process_group: dist.ProcessGroup | None = None,
     start_step: int = 0,
+    after_reduce: Callable[[dist.GradBucket], None] | None = None,
     **powersgd_options: Any,
 ) -> CommStats:
     """Register the ``kind`` communication hook (module docstring) on ``ddp_model``; return its byte counter.
@@ -328,7 +352,9 @@ def register_comm_hook(
     (a :class:`~lowrank.distributed.onebit.OneBitAdam`, whose own counter is returned).
     ``process_group``: default the world. ``start_step``: the step a resumed run starts at
     (PowerSGD's clock). ``powersgd_options``: ``PowerSGDState`` arguments over
-    :data:`POWERSGD_DEFAULTS`. A model not wrapped in DDP (one process) gets no hook and a counter
+    :data:`POWERSGD_DEFAULTS`. ``after_reduce``: called with each bucket once its gradient is
+    averaged (:func:`_then_step`; not with ``onebit`` or ``projected``, whose optimizer step is
+    their own). A model not wrapped in DDP (one process) gets no hook and a counter
     that stays at zero; the arguments are checked all the same.
     """
     if kind not in KINDS:
@@ -369,6 +395,11 @@ def register_comm_hook(
             base = {"none": default_hooks.allreduce_hook, "bf16": default_hooks.bf16_compress_hook,
                     "fp16": default_hooks.fp16_compress_hook}[kind]
             hook = _counted(base, state, stats, _bucket_bytes(None if kind == "none" else 2))
+    if after_reduce is not None:
+        if kind in ("onebit", "projected"):
+            raise ValueError(f"--comm {kind} steps the optimizer itself after the whole gradient is reduced; "
+                             "it does not compose with an optimizer step per bucket")
+        hook = _then_step(hook, after_reduce)
     if ddp is not None:
         ddp.register_comm_hook(state, hook)
     return stats

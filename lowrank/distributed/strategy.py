@@ -100,17 +100,29 @@ class Strategy:
         """The module the forward pass goes through (DDP wrapper or the model itself)."""
         return wrap_ddp(model, self.info, self.device)
 
-    def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int, *, compress_from: int = 1) -> None:
+    def attach(self, module: nn.Module, optimizer: torch.optim.Optimizer, start_step: int, *, compress_from: int = 1,
+               layerwise=None) -> None:
         """After the optimizer exists: the communication hook (DDP with ``--comm``). ``compress_from``:
-        the step compression starts (PowerSGD: :func:`powersgd_start_step`)."""
-        if self.comm != "none" and self.info.enabled:
+        the step compression starts (PowerSGD: :func:`powersgd_start_step`). ``layerwise``: a
+        :class:`~lowrank.run.layerwise.LayerwiseStep`, hooked where this strategy completes a
+        gradient (DDP: after each bucket's all-reduce; one process: on each parameter)."""
+        if layerwise is not None and not self.info.enabled:
+            layerwise.hook_parameters()
+        if (self.comm != "none" or layerwise is not None) and self.info.enabled:
             from .comm import register_comm_hook
 
             options = {"start_powerSGD_iter": powersgd_start_step(compress_from)} if self.comm == "powersgd" else {}
+            after_reduce = layerwise.step_bucket if layerwise is not None else None
             try:
-                self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step, **options)
+                self.comm_stats = register_comm_hook(module, self.comm, optimizer=optimizer, start_step=start_step,
+                                                     after_reduce=after_reduce, **options)
             except ValueError as error:
                 raise UsageError(f"--comm {self.comm}: {error}") from None
+
+    def sum_over_ranks(self):
+        """How a layerwise step sums a squared gradient norm over the ranks (``None``: each rank
+        holds whole gradients)."""
+        return None
 
     def sync_context(self, module: nn.Module, last_micro_batch: bool):
         """Gradient sync only on the last micro-batch of an accumulation."""
@@ -234,8 +246,17 @@ class FSDP2Strategy(Strategy):
             shard_model(model, mixed_precision=self.device.type == "cuda" and self.precision == "bf16-mixed")
         return model
 
-    def attach(self, module, optimizer, start_step, *, compress_from: int = 1) -> None:
-        pass
+    def attach(self, module, optimizer, start_step, *, compress_from: int = 1, layerwise=None) -> None:
+        # FSDP2 calls the sharded parameters' post-accumulate-grad hooks after its reduce-scatter
+        if layerwise is not None:
+            layerwise.hook_parameters()
+
+    def sum_over_ranks(self):
+        def summed(value: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(value)
+            return value
+
+        return summed
 
     def sync_context(self, module: nn.Module, last_micro_batch: bool):
         module.set_requires_gradient_sync(last_micro_batch)

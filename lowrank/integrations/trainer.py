@@ -80,6 +80,12 @@ def resolve_method(method: MethodLike, overrides: dict[str, Any] | None = None) 
 
 def _check_model(model: nn.Module, method: Method, who: str) -> None:
     """Refuse a model that the method cannot act on, with the fix in the message."""
+    if method.training.layerwise_step:
+        raise ValueError(
+            f"{who}: method {method.name} has training.layerwise_step=true: the optimizer step inside backward is a "
+            "`lowrank pretrain` feature (the Trainer owns backward, accumulation, clipping and optimizer.step()); "
+            "set training.layerwise_step=false with the Trainer, or train with lowrank pretrain --layerwise-step"
+        )
     if method.warm_start_steps:
         raise ValueError(
             f"{who}: method {method.name} has lowrank.warm_start_steps={method.warm_start_steps}: the dense warm "

@@ -17,15 +17,17 @@ __all__ = ["apply_method", "param_groups", "build_optimizer", "build_controller"
            "dense_adamw_override"]
 
 
-def dense_adamw_override(optimizer_name: str, weight_dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
+def dense_adamw_override(optimizer_name: str, weight_dtype: torch.dtype, state_dtype: torch.dtype | None, *,
+                         per_parameter: bool = False) -> dict:
     """The preset override that runs ``torch.optim.AdamW`` (the ``full_rank`` preset) as
     ProjectedAdamW with every option off — the same AdamW update — where torch's cannot serve:
-    moments in another dtype than the weights (torch keeps them in the weights' dtype), or bf16
-    weights (stepped in fp32 one parameter at a time, :func:`lowrank.precision.step_bf16`, which
-    needs a per-parameter step). Empty when torch's AdamW serves."""
+    moments in another dtype than the weights (torch keeps them in the weights' dtype), or a step
+    one parameter at a time (``per_parameter``: the optimizer step inside backward,
+    :mod:`lowrank.run.layerwise`; bf16 weights, stepped in fp32 by :func:`lowrank.precision.step_bf16`),
+    which needs ``step_param``. Empty when torch's AdamW serves."""
     if optimizer_name != "adamw":
         return {}
-    if weight_dtype != torch.float32 or (state_dtype is not None and state_dtype != weight_dtype):
+    if per_parameter or weight_dtype != torch.float32 or (state_dtype is not None and state_dtype != weight_dtype):
         return {"optimizer.name": "projected_adamw"}
     return {}
 

@@ -151,6 +151,8 @@ class ProjectedAdamW(Optimizer):
         self._param_index: dict[int, int] | None = None
         self._param_group: dict[int, dict[str, Any]] | None = None
         self._shards: dict[int, RowShard | None] = {}
+        # step_param(p, value=...): the tensor p's update is written to, for that call only
+        self._values: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ groups
 
@@ -307,10 +309,15 @@ class ProjectedAdamW(Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None, *, value: torch.Tensor | None = None) -> None:
         """Update the one parameter ``p`` from ``grad`` (default ``p.grad``) and its state: what
         :meth:`step` does for ``p``, bit for bit. The entry point of an optimizer step inside
         backward (``p.register_post_accumulate_grad_hook(lambda p: opt.step_param(p))``).
+
+        ``value``: update this tensor (``p``'s shape) in place of ``p``, in its dtype: ``p`` only
+        names the state. bf16 storage steps an fp32 copy and rounds it back
+        (:func:`lowrank.precision.step_from_bf16`) without touching ``p``'s dtype, which would
+        detach ``p`` from its gradient accumulator and so from DDP's hooks.
 
         ``step()`` batches in two places, both bit-identical to this one-parameter call:
 
@@ -329,17 +336,28 @@ class ProjectedAdamW(Optimizer):
         grad = p.grad if grad is None else grad
         if grad is None:
             raise ValueError(f"step_param: a parameter of shape {tuple(p.shape)} has no gradient")
+        if value is not None and value.shape != p.shape:
+            raise ValueError(f"step_param: value has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         check_step_hyperparameters(group, f"param_groups[{index}]")
-        if self._batched(p, group, grad):
-            self._step_foreach([p], group, [grad])
-            return
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._update(p, group, grad, pending)
-        if pending:
-            self._refresh_sharded(group, pending)
+        if value is not None:
+            self._values[id(p)] = value
+        try:
+            if self._batched(p, group, grad):
+                self._step_foreach([p], group, [grad])
+                return
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._update(p, group, grad, pending)
+            if pending:
+                self._refresh_sharded(group, pending)
+        finally:
+            self._values.pop(id(p), None)
 
     # ------------------------------------------------------------------ internals
+
+    def _value(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor ``p``'s update is written to, whose dtype is the step's (``step_param``'s ``value``, or ``p``)."""
+        return self._values.get(id(p), p)
 
     def _index_map(self) -> dict[int, int]:
         if self._param_index is None:
@@ -377,13 +395,13 @@ class ProjectedAdamW(Optimizer):
         if tensor is None:
             shard = self._shard(p)
             if shard is None:
-                spec = state_layout(tuple(p.shape), p.dtype, group).tensors()[key]
+                spec = state_layout(tuple(p.shape), self._value(p).dtype, group).tensors()[key]
                 tensor = state[key] = torch.zeros(spec.shape, dtype=spec.dtype, device=p.device)
             else:
-                spec = state_layout(tuple(p.shape), p.dtype, group, shard=(shard.rank, shard.world)).tensors()[key]
+                spec = state_layout(tuple(p.shape), self._value(p).dtype, group, shard=(shard.rank, shard.world)).tensors()[key]
                 tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=local(p).device)
                 if key in MOMENT_KEYS and dense_rows(p.shape, group):
-                    tensor = shard.dtensor(tensor, state_layout(tuple(p.shape), p.dtype, group).tensors()[key].shape)
+                    tensor = shard.dtensor(tensor, state_layout(tuple(p.shape), self._value(p).dtype, group).tensors()[key].shape)
                 state[key] = tensor
         return tensor
 
@@ -394,7 +412,7 @@ class ProjectedAdamW(Optimizer):
         tensors themselves or, when the layout stores them quantized, their fp32 decoding, which
         :meth:`_store_moments` encodes back."""
         if self._shard(p) is not None and p.dim() == 2 and group["density"] < 1.0:
-            resize_slice_(state, shape, group["state_dtype"] or p.dtype, local(p).device)
+            resize_slice_(state, shape, group["state_dtype"] or self._value(p).dtype, local(p).device)
         stored = [local(self._state_tensor(p, group, state, key)) for key in MOMENT_KEYS]
         if stored[0].dtype != torch.uint8:
             return stored[0], stored[1], False
@@ -427,7 +445,7 @@ class ProjectedAdamW(Optimizer):
                 self._reset(p, state)
             state["step"] += 1
             state["total_step"] += 1
-            buckets.setdefault((p.device, p.dtype, state["exp_avg"].dtype), []).append((p, grad))
+            buckets.setdefault((p.device, self._value(p).dtype, state["exp_avg"].dtype), []).append((p, grad))
         beta1, beta2 = group["betas"]
         for (_, _, s_dtype), bucket in buckets.items():
             grad_of = {id(p): grad for p, grad in bucket}
@@ -435,7 +453,7 @@ class ProjectedAdamW(Optimizer):
                 states = [self.state[p] for p in chunk]
                 chunk_grads = [local(grad_of[id(p)]) for p in chunk]
                 adamw_foreach_(
-                    [local(p) for p in chunk],  # FSDP2: the local shards (elementwise, no communication)
+                    [local(self._value(p)) for p in chunk],  # FSDP2: the local shards (elementwise, no communication)
                     [g if g.dtype == s_dtype else g.to(s_dtype) for g in chunk_grads],
                     [local(s["exp_avg"]) for s in states],
                     [local(s["exp_avg_sq"]) for s in states],
@@ -470,7 +488,7 @@ class ProjectedAdamW(Optimizer):
         if scheduled_reset_due(state, group["reset_interval"]):
             self._reset(p, state)
         shard = self._shard(p)
-        grad = local(grad).to(group["state_dtype"] or p.dtype)
+        grad = local(grad).to(group["state_dtype"] or self._value(p).dtype)
         if not (group["adaptive_clip"] or group["norm_scaling"]):
             return grad
         stats = {key: self._state_tensor(p, group, state, key) for key, on in
@@ -502,7 +520,7 @@ class ProjectedAdamW(Optimizer):
             moment_input = moment_input.float()
         limited = matrix and (group["projection"] == "random" or group["residual"] is not None)
         limiter_norm = self._state_tensor(p, group, state, "limiter_norm") if limited else None
-        adamw_update_(local(p), grad, low, moment_input, exp_avg, exp_avg_sq, state, group,
+        adamw_update_(local(self._value(p)), grad, low, moment_input, exp_avg, exp_avg_sq, state, group,
                       shape=p.shape, indices=indices, limiter_norm=limiter_norm, shard=shard)
         if quantized:
             self._store_moments(group, state, (exp_avg, exp_avg_sq))

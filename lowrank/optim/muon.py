@@ -406,12 +406,13 @@ class Muon(Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor | None = None, *, value: torch.Tensor | None = None) -> None:
         """Update the one parameter ``p`` from ``grad`` (default ``p.grad``): what :meth:`step`
         does for ``p``, bit for bit (:meth:`ProjectedAdamW.step_param` for an AdamW parameter,
         :func:`muon_update` for a Muon matrix). The entry point of an optimizer step inside
         backward; Newton–Schulz needs the whole matrix, so under FSDP2 that is a Muon group's
-        limit (its matrices are not sharded here)."""
+        limit (its matrices are not sharded here). ``value``: as :meth:`ProjectedAdamW.step_param`'s
+        (the tensor updated in place of ``p``, in its dtype)."""
         if self._group_index is None:
             self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
         index = self._group_index.get(id(p))
@@ -423,9 +424,9 @@ class Muon(Optimizer):
             raise ValueError(f"step_param: a parameter of shape {tuple(p.shape)} has no gradient")
         self._check_step(index, group)
         if group["use_muon"]:
-            self._muon_step(p, group, grad)
+            self._muon_step(p, group, grad, p if value is None else value)
         else:
-            self._adamw_half().step_param(p, grad)
+            self._adamw_half().step_param(p, grad, value=value)
 
     @staticmethod
     def _check_step(index: int, group: dict[str, Any]) -> None:
@@ -437,17 +438,19 @@ class Muon(Optimizer):
             raise UsageError(f"{where}: momentum must be in [0, 1) at the step, got {momentum!r} "
                              "(set after the optimizer was built)")
 
-    def _muon_step(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> None:
+    def _muon_step(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Muon's update of ``target`` (default ``p``), with ``p``'s state."""
+        target = p if target is None else target
         if grad.is_sparse:
             raise RuntimeError("Muon does not support sparse gradients")
         state = self.state[p]
         buffer = state.get("momentum_buffer")
         if buffer is None:
-            spec = muon_state_layout(tuple(p.shape), p.dtype, group).tensors()["momentum_buffer"]
+            spec = muon_state_layout(tuple(p.shape), target.dtype, group).tensors()["momentum_buffer"]
             buffer = state["momentum_buffer"] = torch.zeros(spec.shape, dtype=spec.dtype, device=p.device)
             state["step"] = 0
         muon_update(
-            p,
+            target,
             grad.to(buffer.dtype),
             buffer,
             lr=group["lr"],

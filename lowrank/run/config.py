@@ -55,6 +55,8 @@ class TrainConfig:
     compile: bool = False
     # every decoder layer recomputed in backward (lowrank.checkpointing)
     activation_checkpointing: bool = False
+    # each parameter updated inside backward, its gradient freed at once (lowrank.run.layerwise)
+    layerwise_step: bool = False
     progress: bool = True
     plot: bool = True
     cache_dir: str | None = None
@@ -114,8 +116,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {cfg.param_dtype!r}")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if not isinstance(cfg.activation_checkpointing, bool):
-        raise UsageError(f"activation_checkpointing must be True or False, got {cfg.activation_checkpointing!r}")
+    for flag in ("activation_checkpointing", "layerwise_step"):
+        if not isinstance(getattr(cfg, flag), bool):
+            raise UsageError(f"{flag} must be True or False, got {getattr(cfg, flag)!r}")
     if not isinstance(cfg.overrides, dict):
         raise UsageError(f"overrides must be a dict of dotted keys, got {type(cfg.overrides).__name__}")
     check_output_paths(cfg)

@@ -53,6 +53,7 @@ from .checkpoint import checkpoint_step, list_checkpoints
 from .config import TrainConfig, autocast_for, total_steps, validate_config
 from .folder import CheckpointMeta, RunFolder, structural_differences
 from .health import StepHealth, StopTraining, first_nonfinite
+from .layerwise import LayerwiseStep
 from .metrics import MetricsLogger
 from .step import optimizer_step, prepare_model
 
@@ -101,6 +102,7 @@ class Trainer:
         self.step = self.resume.step if self.resume else 0
         self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.layerwise: LayerwiseStep | None = None
         self._enter(self.phase_at(self.step), carry_state=False)
         if self.resume is not None:
             self._restore()
@@ -113,12 +115,15 @@ class Trainer:
                                                              cycle_length=cfg.cycle_length)
         check_comm(cfg.comm, cfg.strategy, self.method)
         self.activation_checkpointing = cfg.activation_checkpointing or self.method.training.activation_checkpointing
+        self.layerwise_step = cfg.layerwise_step or self.method.training.layerwise_step
         self.param_dtype = param_dtype(cfg.param_dtype or self.method.training.param_dtype)
-        self.method = self.method.with_overrides(dense_adamw_override(self.method.optimizer.name, self.param_dtype, None))
+        self.method = self.method.with_overrides(dense_adamw_override(self.method.optimizer.name, self.param_dtype, None,
+                                                                       per_parameter=self.layerwise_step))
         self.autocast, self.precision = autocast_for(self.device, cfg.precision, self.param_dtype)
         self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # of the weights' math
         self.strategy = make_strategy(cfg.strategy, self.dist, self.device, comm=cfg.comm, precision=self.precision)
         self._check_storage()
+        self._check_layerwise()
         if self.strategy.sharded and self.method.warm_start_steps:
             raise UsageError("--strategy fsdp2 does not run a dense warm start (lowrank.warm_start_steps): the model would "
                              "be re-wrapped while sharded; set lowrank.warm_start_steps=0 or use --strategy ddp")
@@ -145,12 +150,21 @@ class Trainer:
         if cfg.comm == "onebit":
             raise UsageError("--param-dtype bf16 with --comm onebit: 1-bit Adam updates all parameters at once from "
                              "compressed momenta; use --param-dtype fp32 with it, or another --comm")
-        if self.dist.world_size > 1 and not self.strategy.sharded:
-            raise UsageError("--param-dtype bf16 under DDP is not supported yet: the ranks' bf16 weights were seen to "
-                             "drift apart (tests/test_bf16_training.py); train with one process, or --param-dtype fp32")
-        if self.strategy.sharded:
-            raise UsageError("--param-dtype bf16 with --strategy fsdp2 is not supported yet: FSDP2 shards keep fp32 "
-                             "parameters; use --strategy ddp for bf16 storage, or fp32 with FSDP2 (bf16 compute on GPU)")
+
+    def _check_layerwise(self) -> None:
+        """What cannot step inside backward, refused in one line with what to do instead."""
+        if not self.layerwise_step:
+            return
+        cfg = self.cfg
+        if cfg.optimizer_factory is not None:
+            raise UsageError("--layerwise-step steps each parameter through lowrank's optimizers (ProjectedAdamW, Muon); "
+                             "an optimizer_factory's optimizer has no per-parameter step: drop layerwise_step with it")
+        if cfg.comm in ("onebit", "projected"):
+            raise UsageError(f"--layerwise-step with --comm {cfg.comm}: that communication steps the optimizer itself once "
+                             "the whole gradient is reduced; use --comm none, bf16, fp16 or powersgd with --layerwise-step")
+        if cfg.compile:
+            raise UsageError("--layerwise-step with --compile: the per-parameter hooks would break the compiled backward "
+                             "into pieces; use one of them")
 
     def _build_data(self):
         """Tokenizer, loaders and validation chunks; the model config takes the tokenizer's ids."""
@@ -198,13 +212,17 @@ class Trainer:
         # FSDP2 replaces the parameters by shards: the optimizer is built over those.
         self.module = self.strategy.prepare(self.model)
         self.optimizer = self._build_optimizer()
+        if self.layerwise is not None:
+            self.layerwise.close()
+        self.layerwise = self._build_layerwise()
         for group in self.optimizer.param_groups:  # parameters that live on (embeddings, norms, head)
             for p in group["params"]:
                 if p in previous:
                     self.optimizer.state[p] = previous[p]
         self.controller = build_controller(self.model, self.optimizer, self.method, total_steps=self.total_steps,
                                            start_step=self.step, layer_events=not phase.dense)
-        self.strategy.attach(self.module, self.optimizer, self.step, compress_from=self.compress_from)
+        self.strategy.attach(self.module, self.optimizer, self.step, compress_from=self.compress_from,
+                             layerwise=self.layerwise)
         if self.cfg.compile:
             self.module = torch.compile(self.module)
 
@@ -236,6 +254,18 @@ class Trainer:
                 raise UsageError(f"--comm onebit: {error}") from None
         return build_optimizer(self.model, self.method, seed=self.cfg.seed)
 
+    def _build_layerwise(self) -> LayerwiseStep | None:
+        """The optimizer step inside backward (``--layerwise-step``), carrying the clip's norm over
+        from the previous phase's."""
+        if not self.layerwise_step:
+            return None
+        layerwise = LayerwiseStep(self.optimizer, storage=self.param_dtype, rounding=self.method.training.bf16_rounding,
+                                  seed=self.cfg.seed, grad_clip=self.method.training.grad_clip,
+                                  sum_over_ranks=self.strategy.sum_over_ranks())
+        if self.layerwise is not None:
+            layerwise.load_state_dict(self.layerwise.state_dict())
+        return layerwise
+
     def _check_resumable(self) -> None:
         """A checkpoint at the end of the run, or one trained with other shapes, is refused with
         what differs (not reported as a corrupt file)."""
@@ -261,6 +291,8 @@ class Trainer:
             group.update(own)
         self.controller.load_state_dict(state["controller"])
         self.strategy.load_comm_state(state.get("comm"))
+        if self.layerwise is not None:  # a run started without --layerwise-step: its first step is not clipped
+            self.layerwise.load_state_dict(state.get("layerwise", {}))
         data_states = state["data"]
         # A packed corpus is read in the same global order at any world size (the loader maps the
         # position); a stream's position is per rank and needs the same number of ranks.
@@ -283,18 +315,26 @@ class Trainer:
                 # "has its data for step N": before the first collective of the step (DDP's
                 # buffer broadcast in forward), so a rank that stalls is the one behind
                 self.heartbeat.beat(self.step + 1)
-            with self.strategy.sync_context(self.module, micro == cfg.grad_accum - 1), self.autocast:
+            last = micro == cfg.grad_accum - 1
+            if last and self.layerwise is not None:
+                self.layerwise.arm(self.step)
+            with self.strategy.sync_context(self.module, last), self.autocast:
                 # no KV cache in training (transformers would turn it off under checkpointing, with a warning)
                 loss = self.module(input_ids=batch, labels=batch, use_cache=False).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum
-        grad_clip = self.method.training.grad_clip
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = self.strategy.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
         lr = self.optimizer.param_groups[0]["lr"]
-        # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
-        self.skipped = self.health.should_skip(grad_norm)
-        if not self.skipped:
+        if self.layerwise is not None:
+            # Every parameter has stepped in backward (a non-finite one was left alone and makes the norm NaN).
+            grad_norm = self.layerwise.finish()
+            self.skipped = self.health.should_skip(grad_norm)
+        else:
+            grad_clip = self.method.training.grad_clip
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = self.strategy.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
+            # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
+            self.skipped = self.health.should_skip(grad_norm)
+        if not self.skipped and self.layerwise is None:
             optimizer_step(self.optimizer, storage=self.param_dtype, rounding=self.method.training.bf16_rounding,
                            seed=self.cfg.seed, step=self.step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,6 +411,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         state = {"step": self.step, "world_size": self.dist.world_size, "controller": self.controller.state_dict(),
                  "data": data_states, "rng": rng, "comm": self.strategy.comm_state()}
+        if self.layerwise is not None:
+            state["layerwise"] = self.layerwise.state_dict()
         config = {k: v for k, v in asdict(self.cfg).items() if k != "optimizer_factory"}
         meta = CheckpointMeta(config=config, method=self.method.to_dict(), model_config=self.model_config.to_dict(),
                               wrapped=is_wrapped(self.model), step=self.step)
@@ -490,6 +532,7 @@ class Trainer:
             "precision": self.precision,
             "param_dtype": dtype_name(self.param_dtype),
             "activation_checkpointing": self.activation_checkpointing,
+            "layerwise_step": self.layerwise_step,
             "run_dir": str(self.folder.path),
         }
 

@@ -25,6 +25,9 @@ class TrainingSection(SectionView):
       ``stochastic`` (unbiased) or ``nearest``.
     * ``activation_checkpointing``: recompute every decoder layer in backward
       (``--activation-checkpointing`` turns it on).
+    * ``layerwise_step``: update each parameter inside backward as soon as its gradient is
+      complete and free the gradient (``--layerwise-step`` turns it on; :mod:`lowrank.run.layerwise`
+      says how clipping and non-finite gradients work there).
     """
 
     grad_clip: float | None = 1.0
@@ -34,6 +37,7 @@ class TrainingSection(SectionView):
     param_dtype: str = "fp32"
     bf16_rounding: str = "stochastic"
     activation_checkpointing: bool = False
+    layerwise_step: bool = False
 
     NAME = "training"
     CHECKS = {
@@ -44,4 +48,5 @@ class TrainingSection(SectionView):
         "param_dtype": _Check.choice(tuple(PARAM_DTYPES)),
         "bf16_rounding": _Check.choice(ROUNDINGS),
         "activation_checkpointing": _Check.flag(),
+        "layerwise_step": _Check.flag(),
     }
