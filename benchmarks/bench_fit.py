@@ -1,12 +1,17 @@
 """What fits: the memory estimate beside real training steps of the trainer, per storage option.
 
     python benchmarks/bench_fit.py [--models llama_350m,llama_1b] [--seq-len 256] [--readme README.md]
+    python benchmarks/bench_fit.py --models llama_7b --methods lowrank_sparse_8bit --options bf16+ckpt+layerwise
+    python benchmarks/bench_fit.py --render --readme README.md      # only re-render the README block
 
 For each model, method and option set (fp32; bf16 storage; bf16 storage + activation
-checkpointing) one fresh process builds the model and optimizer as ``lowrank pretrain`` does and
-runs ``--steps`` steps through the trainer's own preparation and optimizer step
-(:mod:`lowrank.run.step`: bf16 storage computing in fp32 on a CPU, stepped parameter by parameter
-with stochastic rounding; checkpointed decoder layers): :func:`lowrank.memory.measure_method`.
+checkpointing; the same with the optimizer step inside backward) one fresh process builds the
+model and optimizer as ``lowrank pretrain`` does and runs ``--steps`` steps through the trainer's
+own preparation and optimizer step (:mod:`lowrank.run.step`: bf16 storage computing in fp32 on a
+CPU, stepped parameter by parameter with stochastic rounding; checkpointed decoder layers;
+``--layerwise-step``'s :class:`lowrank.run.layerwise.LayerwiseStep`): :func:`lowrank.memory.measure_method`.
+The models of ``LARGE`` (llama_7b) run only the methods and options named by ``--methods`` and
+``--options``: each of their rows takes many minutes and most of a large machine's memory.
 Recorded: the estimate (for this CPU's compute dtype, and for a GPU's), the measured weights,
 gradients, optimizer state and saved activations, and the peak — the torch profiler's CPU
 allocator peak (the analogue of CUDA's ``max_memory_allocated``) and the process's peak RSS.
@@ -22,6 +27,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, comma_names, machine_info, replace_readme_block  # noqa: E402
@@ -29,19 +35,40 @@ from common import RESULTS, comma_names, machine_info, replace_readme_block  # n
 NAME = "fit"
 METHODS = ("full_rank", "galore", "low_rank_restarts", "lowrank_sparse_8bit")
 RANKS = {"llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}  # the memory table's r/d
-OPTIONS = {  # label: (param dtype, activation checkpointing)
-    "fp32": ("float32", False),
-    "bf16": ("bfloat16", False),
-    "bf16+ckpt": ("bfloat16", True),
+LARGE = ("llama_7b",)  # run only with --methods and --options named
+
+
+class Option(NamedTuple):
+    """One storage option of a row: ``lowrank pretrain``'s ``--param-dtype``,
+    ``--activation-checkpointing`` and ``--layerwise-step``."""
+
+    weight_dtype: str
+    checkpointing: bool
+    layerwise: bool = False
+
+
+OPTIONS = {
+    "fp32": Option("float32", False),
+    "bf16": Option("bfloat16", False),
+    "bf16+ckpt": Option("bfloat16", True),
+    "bf16+ckpt+layerwise": Option("bfloat16", True, layerwise=True),
 }
+# Settings added after rows were recorded, with the value those rows were measured with: a row
+# without the key is the same row as one with its default (see unchanged()).
+LATER_SETTINGS = Option._field_defaults
 BLOCK = ("<!-- fit-table -->", "<!-- /fit-table -->")
 GIB = 2**30
 
 
 def row_settings(model: str, method: str, option: str, seq_len: int, batch_size: int, steps: int, device: str) -> dict:
-    weight_dtype, checkpointing = OPTIONS[option]
-    return {"model": model, "method": method, "option": option, "rank": RANKS[model], "weight_dtype": weight_dtype,
-            "checkpointing": checkpointing, "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "device": device}
+    return {"model": model, "method": method, "option": option, "rank": RANKS[model], **OPTIONS[option]._asdict(),
+            "seq_len": seq_len, "batch_size": batch_size, "steps": steps, "device": device}
+
+
+def unchanged(row: dict, settings: dict) -> bool:
+    """Whether a recorded row was measured with ``settings`` (a row recorded before a setting of
+    :data:`LATER_SETTINGS` existed was measured with its default)."""
+    return {**LATER_SETTINGS, **row["settings"]} == settings
 
 
 def measure_row(settings: dict) -> dict:
@@ -56,7 +83,8 @@ def measure_row(settings: dict) -> dict:
     torch.set_num_threads(1)
     device = torch.device(settings["device"])
     options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
-                   batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"])
+                   batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
+                   layerwise=settings["layerwise"])
     # The estimate for the measuring device's compute dtype (fp32 from bf16 storage on a CPU), and a GPU's (bf16).
     compute, _ = compute_dtype(device, parse_dtype(settings["weight_dtype"], "weight_dtype"), "auto")
     cpu = estimate(settings["model"], settings["method"], compute_dtype=compute, **options)
@@ -79,7 +107,7 @@ def load(path: Path) -> dict:
 
 
 def render(data: dict) -> str:
-    """The README block: per model and method, estimate vs measured peak for each option."""
+    """The README block: per model, method and options, estimate vs measured peak."""
     rows = data.get("rows", {})
     if not rows:
         return "No rows yet: run `python benchmarks/bench_fit.py`."
@@ -87,43 +115,75 @@ def render(data: dict) -> str:
     lines = [
         f"Two real steps of the trainer's step per row ({data['machine']['cpu']}, 1 thread; a GPU row: its device), batch "
         f"{first['batch_size']} × {first['seq_len']} tokens, the memory table's ranks; from "
-        "`benchmarks/results/fit.json` (`python benchmarks/bench_fit.py`). *Estimate*: `lowrank memory` for this "
+        "`benchmarks/results/fit.json` (`python benchmarks/bench_fit.py`). *Options*: parameter storage (`fp32`, `bf16`), "
+        "`+ckpt` activation checkpointing, `+layerwise` the optimizer step inside backward (`--layerwise-step`: one "
+        "gradient alive at a time, so *gradients* is the largest parameter's). *Estimate*: `lowrank memory` for this "
         "CPU's compute dtype (fp32 activations from bf16 storage); *measured peak*: the torch profiler's peak of CPU "
         "allocations during the last step (the analogue of CUDA's `max_memory_allocated`); *GPU estimate*: the same "
         "run computing in bf16.",
         "",
-        "| device | model | method | storage | estimate GiB | measured peak GiB | difference | weights+grads+state measured = estimated | GPU estimate GiB |",
-        "|---|---|---|---|---:|---:|---:|:---:|---:|",
+        "| device | model | method | options | gradients GiB | estimate GiB | measured peak GiB | difference | "
+        "weights+grads+state measured = estimated | GPU estimate GiB |",
+        "|---|---|---|---|---:|---:|---:|---:|:---:|---:|",
     ]
-    for key, row in rows.items():
-        s, e, m = row["settings"], row["estimate_cpu"], row["measured"]
-        exact = all(m[k] == e[k] for k in ("weights", "gradients", "optimizer_state", "optimizer_extra"))
-        peak = m["peak"]
-        diff = f"{(peak - e['total']) / e['total']:+.1%}" if peak else "-"
-        lines.append(f"| {s['device']} | {s['model']} | `{s['method']}` | {s['option']} | {e['total'] / GIB:.2f} | "
-                     f"{peak / GIB:.2f} | {diff} | {'yes' if exact else 'no'} | {row['estimate_gpu']['total'] / GIB:.2f} |"
-                     if peak else f"| {s['device']} | {s['model']} | `{s['method']}` | {s['option']} | {e['total'] / GIB:.2f} | - | - | "
-                     f"{'yes' if exact else 'no'} | {row['estimate_gpu']['total'] / GIB:.2f} |")
+    lines += [render_row(row) for row in rows.values()]
     return "\n".join(lines)
+
+
+def render_row(row: dict) -> str:
+    """One table line; ``-`` where the profiler gave no peak."""
+    s, e, m = row["settings"], row["estimate_cpu"], row["measured"]
+    exact = all(m[k] == e[k] for k in ("weights", "gradients", "optimizer_state", "optimizer_extra"))
+    peak = m["peak"]
+    measured = f"{peak / GIB:.2f} | {(peak - e['total']) / e['total']:+.1%}" if peak else "- | -"
+    return (f"| {s['device']} | {s['model']} | `{s['method']}` | {s['option']} | {m['gradients'] / GIB:.2f} | "
+            f"{e['total'] / GIB:.2f} | {measured} | {'yes' if exact else 'no'} | {row['estimate_gpu']['total'] / GIB:.2f} |")
+
+
+def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check ``--models`` / ``--methods`` / ``--options`` and fill the defaults: every method and
+    option, except for the models of :data:`LARGE`, which run only what is named."""
+    for name, values, known in (("--models", args.models, RANKS), ("--options", args.options or [], OPTIONS)):
+        unknown = [value for value in values if value not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    large = [model for model in args.models if model in LARGE]
+    if large and (args.methods is None or args.options is None):
+        parser.error(f"{', '.join(large)}: each row takes many minutes and most of a large machine's memory; name the "
+                     "rows with --methods and --options (e.g. --methods lowrank_sparse_8bit --options bf16+ckpt+layerwise)")
+    args.methods = list(METHODS) if args.methods is None else args.methods
+    args.options = list(OPTIONS) if args.options is None else args.options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=comma_names, default=["llama_350m", "llama_1b"])
-    parser.add_argument("--methods", type=comma_names, default=list(METHODS))
-    parser.add_argument("--options", type=comma_names, default=list(OPTIONS))
+    parser.add_argument("--models", type=comma_names, default=["llama_350m", "llama_1b"],
+                        help=f"comma-separated, of {', '.join(RANKS)} ({', '.join(LARGE)}: with --methods and --options)")
+    parser.add_argument("--methods", type=comma_names, default=None, help=f"comma-separated (default: {', '.join(METHODS)})")
+    parser.add_argument("--options", type=comma_names, default=None, help=f"comma-separated (default: {', '.join(OPTIONS)})")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: CUDA's max_memory_allocated peak")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--readme", default=None, help="render the README's 'What fits' block from the results")
+    parser.add_argument("--render", action="store_true", help="run no row: only render --readme from the results")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
         print(json.dumps(measure_row(json.loads(args.row))))
         return
+    chosen(parser, args)
     path = Path(args.out_dir) / f"{NAME}.json"
+    if not args.render:
+        run_rows(args, path)
+    if args.readme:
+        replace_readme_block(args.readme, *BLOCK, render(load(path)))
+
+
+def run_rows(args: argparse.Namespace, path: Path) -> None:
+    """Each chosen row not yet recorded with these settings, in a fresh process; ``path`` is
+    rewritten after every row (resumable)."""
     data = load(path)
     rows = data.setdefault("rows", {})
     for model in args.models:
@@ -131,7 +191,7 @@ def main() -> None:
             for option in args.options:
                 settings = row_settings(model, method, option, args.seq_len, args.batch_size, args.steps, args.device)
                 key = f"{args.device}/{model}/{method}/{option}"
-                if key in rows and rows[key]["settings"] == settings:
+                if key in rows and unchanged(rows[key], settings):
                     continue
                 print(f"{key} ...", flush=True)
                 done = subprocess.run([sys.executable, __file__, "--row", json.dumps(settings)], capture_output=True, text=True)
@@ -145,8 +205,6 @@ def main() -> None:
                 m = rows[key]["measured"]
                 print(f"  peak {m['peak'] / GIB if m['peak'] else float('nan'):.2f} GiB, estimate "
                       f"{rows[key]['estimate_cpu']['total'] / GIB:.2f} GiB, {m['seconds_per_step']:.0f} s/step", flush=True)
-    if args.readme:
-        replace_readme_block(args.readme, *BLOCK, render(load(path)))
 
 
 if __name__ == "__main__":

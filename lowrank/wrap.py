@@ -31,6 +31,8 @@ __all__ = [
     "count_parameters",
     "match_target_modules",
     "unwrap_model",
+    "factorize_layer",
+    "mark_wrapped",
 ]
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -209,13 +211,24 @@ def wrap(model: nn.Module, config: LowRankConfig) -> nn.Module:
         plan.append((name, module, rank))
 
     for index, (name, module, rank) in enumerate(plan):
-        layer = LowRankLinear.from_module(module, rank, **config.layer_options(), seed=derive_seed(config.seed, index))
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, layer)
-    # Kept on the model so that events, export and checkpoints know how it was built.
-    setattr(model, _CONFIG_ATTRIBUTE, config)
+        setattr(parent, child_name, factorize_layer(module, rank, config, index))
+    mark_wrapped(model, config)
     return model
+
+
+def factorize_layer(module: nn.Module, rank: int, config: LowRankConfig, index: int) -> LowRankLinear:
+    """The :class:`LowRankLinear` that :func:`wrap` puts in place of ``module``, the ``index``-th
+    layer of its plan (in module order): seeded with ``derive_seed(config.seed, index)``, so a
+    model built layer by layer (:func:`lowrank.methods.build_method_model`) gets the same values."""
+    return LowRankLinear.from_module(module, rank, **config.layer_options(), seed=derive_seed(config.seed, index))
+
+
+def mark_wrapped(model: nn.Module, config: LowRankConfig) -> None:
+    """Record ``config`` on ``model``, as :func:`wrap` does, so that events, export and checkpoints
+    know how it was built."""
+    setattr(model, _CONFIG_ATTRIBUTE, config)
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, int]:

@@ -68,16 +68,16 @@ def losses(summary) -> list[float]:
 def layer_runs(monkeypatch):
     """How many times the decoder layers' MLPs run per training: a recomputed layer runs twice."""
     calls = []
-    real = loop.build_model
+    real = loop.build_method_model
 
-    def build_model(*args, **kwargs):
+    def build_method_model(*args, **kwargs):
         model = real(*args, **kwargs)
         for layer in model.model.layers:
             # a pre-hook: the recomputation stops inside the MLP (at its last saved tensor)
             layer.mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
         return model
 
-    monkeypatch.setattr(loop, "build_model", build_model)
+    monkeypatch.setattr(loop, "build_method_model", build_method_model)
 
     def count(fn):
         calls.append(0)

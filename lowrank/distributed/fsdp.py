@@ -54,6 +54,7 @@ __all__ = [
     "sharded_layer_events",
     "ShardedMemory",
     "fsdp_memory_per_rank",
+    "local_numel",
     "LAYER_EVENTS",
 ]
 
@@ -275,7 +276,8 @@ class ShardedMemory:
         return {**asdict(self), "total": self.total}
 
 
-def _local_numel(shape: tuple[int, ...], rank: int, world: int) -> int:
+def local_numel(shape: tuple[int, ...], rank: int, world: int) -> int:
+    """Entries of rank ``rank``'s row shard of a tensor of ``shape`` over ``world`` ranks (FSDP2's dim-0 sharding)."""
     if not shape:
         return 1
     return shard_range(shape[0], rank, world)[1] * math.prod(shape[1:])
@@ -298,9 +300,9 @@ def fsdp_memory_per_rank(
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got {world_size} and {rank}")
     model = unwrap_model(model)
     shard = (rank, world_size)
-    weights = sum(_local_numel(tuple(p.shape), *shard) * p.element_size() for p in model.parameters())
+    weights = sum(local_numel(tuple(p.shape), *shard) * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    gradients = sum(_local_numel(tuple(p.shape), *shard) * p.element_size() for p in model.parameters() if p.requires_grad)
+    gradients = sum(local_numel(tuple(p.shape), *shard) * p.element_size() for p in model.parameters() if p.requires_grad)
     state = extra = 0
     if isinstance(optimizer, Muon):
         raise ValueError("fsdp_memory_per_rank: Muon is not supported under FSDP2 here (its Newton–Schulz step needs whole "

@@ -15,7 +15,8 @@ from transformers import PretrainedConfig
 
 from ..dtypes import DTYPES, dtype_name, parse_dtype
 from ..errors import UsageError
-from ..methods import Method, apply_method, available_methods, build_optimizer, dense_adamw_override, load_method
+from ..methods import (Method, apply_method, available_methods, build_method_model, build_optimizer, dense_adamw_override,
+                       load_method)
 from ..models import build_model, load_model_config
 from ..precision import store_parameters
 from .peers import PEERS, Peer, build_adamw8bit
@@ -38,16 +39,22 @@ class Resolved:
     rank: int | None
     optimizer: str
     notes: list[str] = field(default_factory=list)
+    # the optimizer steps inside backward (--layerwise-step); a peer's steps all at once whatever was asked
+    layerwise: bool = False
 
 
 def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dtype = torch.float32,
-            state_dtype: torch.dtype | None = None) -> Resolved:
+            state_dtype: torch.dtype | None = None, layerwise: bool = False) -> Resolved:
     """Read the preset (or peer) ``name`` with ``rank`` and ``state_dtype`` applied.
 
     ``state_dtype`` becomes ProjectedAdamW's ``state_dtype`` for every group. ``torch.optim.AdamW``
-    (the ``full_rank`` preset) keeps its moments in the parameter dtype; when ``state_dtype``
-    differs from ``weight_dtype`` the baseline runs as ProjectedAdamW with every option off (the
-    same AdamW update) so that, e.g., bf16 weights get fp32 moments as mixed-precision recipes do.
+    (the ``full_rank`` preset) keeps its moments in the parameter dtype and has no per-parameter
+    step; when ``state_dtype`` differs from ``weight_dtype``, or the step runs inside backward
+    (``layerwise``, ``--layerwise-step``), the baseline runs as ProjectedAdamW with every option
+    off (the same AdamW update), by the rule the trainer uses
+    (:func:`lowrank.methods.dense_adamw_override`), so that, e.g., bf16 weights get fp32 moments as
+    mixed-precision recipes do. A peer (bitsandbytes) has no per-parameter step: ``layerwise``
+    does not apply to it (``Resolved.layerwise`` is then ``False``, with a note).
     """
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise UsageError(f"--rank must be a positive integer, got {rank!r}")
@@ -56,6 +63,9 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
         notes = [f"--rank does not apply to {key} (dense weights, no projection)"] if rank is not None else []
         if state_dtype is not None:
             notes.append("8-bit moments (tensors under 4096 elements: fp32); --state-dtype does not apply")
+        if layerwise:
+            notes.append("--layerwise-step does not apply (bitsandbytes steps every parameter at once): the whole "
+                         "gradient set is held")
         return Resolved(key, None, PEERS[key], None, PEERS[key].optimizer, notes)
     if key not in available_methods() and not Path(key).is_file():
         close = difflib.get_close_matches(key, available(), n=1)
@@ -65,10 +75,11 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
     optimizer_name = base.optimizer.name
     overrides: dict = {}
     notes = []
-    if dense_adamw_override(optimizer_name, weight_dtype, state_dtype):
-        overrides["optimizer.name"] = optimizer_name = "projected_adamw"
-        notes.append(f"AdamW with {dtype_name(state_dtype or torch.float32)} moments as ProjectedAdamW (options off), "
-                     "as lowrank pretrain runs it: torch.optim.AdamW keeps moments in the weight dtype")
+    override = dense_adamw_override(optimizer_name, weight_dtype, state_dtype, per_parameter=layerwise)
+    if override:
+        overrides.update(override)
+        optimizer_name = override["optimizer.name"]
+        notes.append(_dense_adamw_note(weight_dtype, state_dtype, layerwise))
     if state_dtype is not None:
         if optimizer_name == "projected_adamw":
             overrides["optimizer.matrix.state_dtype"] = state_dtype
@@ -82,7 +93,18 @@ def resolve(name: str | Path, *, rank: int | None = None, weight_dtype: torch.dt
 
         used_rank = method.optimizer.matrix.get("rank", OPTION_DEFAULTS["rank"])
     label = "torch.optim.AdamW" if optimizer_name == "adamw" else "lowrank.optim.ProjectedAdamW"
-    return Resolved(method.name, method, None, used_rank, label, notes)
+    return Resolved(method.name, method, None, used_rank, label, notes, layerwise=layerwise)
+
+
+def _dense_adamw_note(weight_dtype: torch.dtype, state_dtype: torch.dtype | None, layerwise: bool) -> str:
+    """Why ``full_rank``'s AdamW runs as ProjectedAdamW: the reasons of :func:`dense_adamw_override`."""
+    reasons = []
+    if weight_dtype != torch.float32 or (state_dtype is not None and state_dtype != weight_dtype):
+        reasons.append("torch.optim.AdamW keeps moments in the weight dtype")
+    if layerwise:
+        reasons.append("--layerwise-step steps one parameter at a time inside backward (step_param)")
+    return (f"AdamW with {dtype_name(state_dtype or torch.float32)} moments as ProjectedAdamW (options off), "
+            f"as lowrank pretrain runs it: {'; '.join(reasons)}")
 
 
 def check_size(name: str, value: int) -> None:
@@ -107,13 +129,16 @@ def build(config: PretrainedConfig, resolved: Resolved, *, device: torch.device 
     would silently use ``min(m, n)``, a rank the user did not ask for).
     """
     meta = str(device) == "meta"
-    model = build_model(config, device="meta") if meta else build_model(config, seed=seed)
-    # As the trainer does: the method on the fp32 model, then every parameter (not the buffers) stored in weight_dtype.
-    if resolved.method is not None:
-        apply_method(model, resolved.method, seed=seed)
-    store_parameters(model, weight_dtype)
-    if not meta:
-        model.to(device)
+    if meta:
+        model = build_model(config, device="meta")
+        if resolved.method is not None:
+            apply_method(model, resolved.method, seed=seed)
+        store_parameters(model, weight_dtype)
+    elif resolved.method is not None:
+        # As the trainer builds it: layer by layer in weight_dtype, never the dense fp32 model whole.
+        model = build_method_model(config, resolved.method, seed=seed, dtype=weight_dtype, device=device)
+    else:
+        model = store_parameters(build_model(config, seed=seed), weight_dtype).to(device)
     if resolved.peer is not None:
         if meta:
             return model, None

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the name lowrank pretrain takes; --checkpointing is the older spelling, kept
     add("--activation-checkpointing", "--checkpointing", dest="checkpointing", action="store_true",
         help="activation checkpointing of every decoder layer (as lowrank pretrain --activation-checkpointing)")
+    add("--layerwise-step", action="store_true",
+        help="the optimizer step inside backward, as lowrank pretrain --layerwise-step: each parameter updated as soon as "
+             "its gradient is complete and the gradient freed, so gradients count the largest parameter's alone (its "
+             "shard with --fsdp2); with gradient accumulation > 1 or under DDP the whole set is held instead")
     add("--fsdp2", type=int, default=1, metavar="RANKS", help="per-rank bytes under --strategy fsdp2 with this many ranks")
     add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
@@ -87,7 +91,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif limit is not None and args.seq_len > limit:
         raise UsageError(f"--seq-len {args.seq_len} exceeds {name}'s max_position_embeddings ({limit}); lower --seq-len")
     options = dict(rank=args.rank, weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
-                   batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing)
+                   batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing,
+                   layerwise=args.layerwise_step)
     if args.fsdp2 < 1:
         raise UsageError(f"--fsdp2 must be a positive number of ranks, got {args.fsdp2}")
     if args.fsdp2 > 1 and args.measure:

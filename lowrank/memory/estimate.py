@@ -30,7 +30,7 @@ from .activations import ActivationBytes, llama_activation_bytes
 from .build import build, check_size, dtype_name, load_config, parse_dtype, resolve
 from .peers import adamw8bit_state_bytes
 
-__all__ = ["MemoryEstimate", "estimate", "optimizer_state_layout"]
+__all__ = ["MemoryEstimate", "estimate", "largest_gradient_bytes", "optimizer_state_layout"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ class MemoryEstimate:
         weights: parameters (trainable and frozen, e.g. ReLoRA's base) plus buffers (SLTrain's
             int32 sparse indices — memory the method needs — and the rotary tables);
             ``weight_detail`` splits it into trainable and frozen parameters and buffers.
-        gradients: one gradient per trainable parameter, in its dtype.
+        gradients: one gradient per trainable parameter, in its dtype; with ``layerwise`` (the
+            optimizer step inside backward, ``--layerwise-step``) the largest trainable
+            parameter's gradient alone (its FSDP2 shard per rank), since each gradient is freed
+            once its parameter has stepped (:mod:`lowrank.run.layerwise`).
         optimizer_state: every tensor in ``optimizer.state`` (what ``state_dict`` saves);
             ``optimizer_detail`` splits it into moments, projectors, quantization statistics and
             scalars.
@@ -61,6 +64,7 @@ class MemoryEstimate:
     batch_size: int
     seq_len: int
     checkpointing: bool
+    layerwise: bool
     parameters: int
     trainable_parameters: int
     weights: int
@@ -100,6 +104,7 @@ def estimate(
     batch_size: int = 1,
     seq_len: int = 2048,
     checkpointing: bool = False,
+    layerwise: bool = False,
     world_size: int = 1,
     compute_dtype: str | torch.dtype | None = None,
 ) -> MemoryEstimate:
@@ -120,6 +125,11 @@ def estimate(
         state_dtype: Adam moments (``None``: the parameter dtype, the optimizers' default).
         batch_size, seq_len: one micro-batch.
         checkpointing: activation checkpointing of every decoder layer.
+        layerwise: the optimizer step inside backward (``lowrank pretrain --layerwise-step``):
+            one gradient alive at a time, the largest counted (:func:`largest_gradient_bytes`),
+            with one micro-batch per step and one process or FSDP2; with gradient accumulation
+            > 1 or under DDP the whole set is held (said in ``notes``). A peer has no
+            per-parameter step: the whole set, with a note.
         world_size: FSDP2 ranks the model is sharded over (1: not sharded).
         compute_dtype: the activations' dtype (``None``: ``weight_dtype``, as on a GPU; a CPU
             computes in fp32 from bf16 storage, :func:`lowrank.precision.compute_dtype`).
@@ -134,7 +144,7 @@ def estimate(
     state_dtype = parse_dtype(state_dtype, "state_dtype")
     compute_dtype = parse_dtype(compute_dtype, "compute_dtype") or weight_dtype
     config, model_name = load_config(model_config)
-    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
+    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype, layerwise=layerwise)
     model, optimizer = build(config, resolved, device="meta", weight_dtype=weight_dtype)
     if optimizer is None:  # a peer: all trainable parameters in one group
         detail = adamw8bit_state_bytes(p for p in model.parameters() if p.requires_grad)
@@ -172,6 +182,10 @@ def estimate(
         detail[next(iter(detail))] += sharded.optimizer_state - sum(detail.values())  # rounding lands in the first kind
         extra = sharded.optimizer_extra
         notes.append(f"per rank of {world_size} under FSDP2: shards plus the largest decoder layer and the root gathered")
+    if resolved.layerwise:
+        whole = gradients
+        gradients = largest_gradient_bytes(model, world_size)
+        notes.append(layerwise_note(gradients, whole, world_size))
     if resolved.method is not None and resolved.method.quant is not None:
         from ..quant import bits_per_weight
 
@@ -188,6 +202,7 @@ def estimate(
         batch_size=batch_size,
         seq_len=seq_len,
         checkpointing=checkpointing,
+        layerwise=resolved.layerwise,
         parameters=counts.total,
         trainable_parameters=counts.trainable,
         weights=weights,
@@ -200,6 +215,29 @@ def estimate(
         activation_detail=activations.to_dict(),
         notes=tuple(notes),
     )
+
+
+def largest_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:
+    """Bytes of the largest trainable parameter's gradient, in its dtype: what the optimizer step
+    inside backward holds at most (each gradient is freed once its parameter has stepped). Under
+    FSDP2 (``world_size > 1``) the largest shard, rank 0's, sharded as
+    :func:`lowrank.distributed.fsdp.fsdp_memory_per_rank` shards the gradient set."""
+    from ..distributed.fsdp import local_numel
+
+    return max((local_numel(tuple(p.shape), 0, world_size) * p.element_size() for p in model.parameters() if p.requires_grad),
+               default=0)
+
+
+def layerwise_note(largest: int, whole: int, world_size: int) -> str:
+    """What the ``gradients`` term means with ``--layerwise-step``, and when it does not hold."""
+    mib = 2**20
+    if world_size > 1:
+        return (f"--layerwise-step: gradients = the largest trainable parameter's shard of its gradient, "
+                f"{largest / mib:.2f} MiB, one alive at a time; with gradient accumulation > 1 the rank's shards of "
+                f"every gradient, {whole / mib:.2f} MiB, are held instead (under DDP: every gradient, unsharded)")
+    return (f"--layerwise-step: gradients = the largest trainable parameter's gradient, {largest / mib:.2f} MiB, one "
+            f"alive at a time; with gradient accumulation > 1 or under DDP the whole set, {whole / mib:.2f} MiB, is "
+            "held instead")
 
 
 def model_activations(config: PretrainedConfig, model: nn.Module, dtype: torch.dtype, batch_size: int,

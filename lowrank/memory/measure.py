@@ -11,6 +11,14 @@ The peak is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU it is the b
 start of the last step plus the largest rise of the torch profiler's allocation events during
 it (the CPU analogue of CUDA's counter), and the process's peak resident set size (everything the
 process ever touched: Python, libraries, earlier work) is reported next to it.
+
+With the optimizer step inside backward (``layerwise``, ``lowrank pretrain --layerwise-step``,
+:mod:`lowrank.run.layerwise`) each gradient is freed once its parameter has stepped, so no set of
+gradients is left after the step to count: ``gradients`` is then the most ``.grad`` bytes alive at
+once during the last step, seen by :class:`LiveGradients` (post-accumulate-grad hooks that run
+before the step's own, when a gradient is complete and not yet freed). The CPU peak's split then
+means: ``peak_optimizer_step``, the peak during the per-parameter updates inside backward (each
+annotated as an optimizer step); ``peak_forward_backward``, the peak anywhere else in the step.
 """
 
 from __future__ import annotations
@@ -31,20 +39,24 @@ from ..accounting import buffer_bytes, gradient_bytes, optimizer_state_bytes, pa
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
 from ..precision import compute_dtype
+from ..run.layerwise import LayerwiseStep
 from ..run.step import optimizer_step, prepare_model
 from ..wrap import count_parameters
 from .build import build, check_size, load_config, parse_dtype, resolve
 
-__all__ = ["Measurement", "measure", "measure_method"]
+__all__ = ["LiveGradients", "Measurement", "measure", "measure_method"]
 
 
 @dataclass(frozen=True)
 class Measurement:
     """What ``steps`` real training steps held, in bytes (see the module docstring).
 
+    ``gradients``: the gradients left after the step, or, with a :class:`LiveGradients` observer
+    (the optimizer step inside backward), the most alive at once during it.
     ``activations``: with activation checkpointing, without the one recomputed layer (see the
     module docstring); ``peak`` is ``None`` when the profiler gave no allocation events. CPU only: ``peak_optimizer_step`` and
-    ``peak_forward_backward`` split the peak by where it happened, ``peak_rss`` is the process's.
+    ``peak_forward_backward`` split the peak by where it happened (in an optimizer step — inside
+    backward with the layerwise step — or elsewhere), ``peak_rss`` is the process's.
     """
 
     device: str
@@ -81,6 +93,33 @@ def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 def _extra_bytes(optimizer: torch.optim.Optimizer) -> int:
     return optimizer.state_bytes().subset_cache if isinstance(optimizer, ProjectedAdamW) else 0
+
+
+class LiveGradients:
+    """The most ``.grad`` bytes alive at once, seen whenever a gradient is complete.
+
+    Post-accumulate-grad hooks on ``model``'s trainable parameters: registered before the
+    optimizer-in-backward's own hooks (:meth:`lowrank.run.layerwise.LayerwiseStep.hook_parameters`),
+    they run first, when the parameter's gradient is complete and not yet freed — the moments
+    the live gradient bytes peak. :meth:`reset` before the step to observe; :attr:`peak` after it.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.peak = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._observe) for p in self.params]
+
+    def _observe(self, _: torch.Tensor) -> None:
+        live = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        self.peak = max(self.peak, live)
+
+    def reset(self) -> None:
+        self.peak = 0
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 class _SavedTensors:
@@ -137,13 +176,17 @@ def measure(
     *,
     device: torch.device | str | None = None,
     profile: bool = True,
+    live_gradients: LiveGradients | None = None,
 ) -> Measurement:
     """Run ``step_fn`` (one full training step: zero_grad, forward, backward, optimizer step)
     ``steps`` times and report what was held.
 
     Counts are taken after the last step, when gradients and every optimizer state exist. The
-    last step is instrumented (saved-tensor hooks, and on CPU the profiler); with ``steps > 1``
-    the time per step is taken from the others.
+    last step is instrumented (saved-tensor hooks, and on CPU the profiler); the previous step's
+    gradients are freed before it (``step_fn`` zeroes them first anyway; the trainer frees them at
+    the end of a step). With ``steps > 1`` the time per step is taken from the others. ``live_gradients``: an observer hooked on
+    ``model`` (the optimizer step inside backward frees each gradient, so none is left after the
+    step): ``gradients`` is then its peak over the last step.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
@@ -160,10 +203,16 @@ def measure(
     plain_seconds = time.perf_counter() - start
 
     saved = _SavedTensors(model)
-    # Free what earlier steps left in reference cycles now: if the garbage collector ran inside
-    # the profiled step, those frees would show up as negative events and hide part of the peak.
+    # Free what earlier steps left now: the previous step's gradients (step_fn's own zero_grad
+    # would free them inside the profiled step) and reference cycles (the garbage collector could
+    # run inside it). A tensor allocated before the profiler started and freed while it runs is
+    # not reliably reported (the CPU profiler pairs a free with an allocation it saw), so it would
+    # stay counted in the baseline: the gradients twice at the peak.
+    optimizer.zero_grad(set_to_none=True)
     gc.collect()
     baseline = _live_bytes(model, optimizer)
+    if live_gradients is not None:
+        live_gradients.reset()
     use_profiler = profile and not cuda
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -192,7 +241,7 @@ def measure(
         parameters=counts.total,
         trainable_parameters=counts.trainable,
         weights=parameter_bytes(model) + buffer_bytes(model),
-        gradients=gradient_bytes(model),
+        gradients=gradient_bytes(model) if live_gradients is None else live_gradients.peak,
         optimizer_state=optimizer_state_bytes(optimizer),
         optimizer_extra=_extra_bytes(optimizer),
         activations=saved.total,
@@ -216,11 +265,19 @@ def measure_method(
     batch_size: int = 1,
     seq_len: int = 2048,
     checkpointing: bool = False,
+    layerwise: bool = False,
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> Measurement:
     """Build the model and optimizer that :func:`lowrank.memory.estimate` describes (same
-    arguments), train ``steps`` steps on random tokens and :func:`measure` them."""
+    arguments), train ``steps`` steps on random tokens and :func:`measure` them.
+
+    The step is the trainer's: with ``layerwise`` its optimizer step inside backward
+    (:class:`lowrank.run.layerwise.LayerwiseStep` armed around backward, no step after it;
+    ``gradients`` measured by :class:`LiveGradients`), otherwise backward then
+    :func:`lowrank.run.step.optimizer_step`. The layerwise step clips as the trainer's does (in
+    place, by the previous step's norm); the ordinary one is not clipped (``clip_grad_norm_``'s
+    temporaries are one norm per parameter)."""
     weight_dtype = parse_dtype(weight_dtype, "weight_dtype")
     state_dtype = parse_dtype(state_dtype, "state_dtype")
     check_size("batch_size", batch_size)
@@ -230,7 +287,7 @@ def measure_method(
         raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
     config, _ = load_config(model_config)
     config.use_cache = False
-    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype)
+    resolved = resolve(method, rank=rank, weight_dtype=weight_dtype, state_dtype=state_dtype, layerwise=layerwise)
     model, optimizer = build(config, resolved, device=device, weight_dtype=weight_dtype, seed=seed)
     model.train()
     # The trainer's preparation and optimizer step (lowrank.run.step): bf16 storage computing in
@@ -242,13 +299,43 @@ def measure_method(
     stepped = weight_dtype if resolved.method is not None else torch.float32
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+
+    def backward() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    if resolved.layerwise:
+        layerwise_step = LayerwiseStep(optimizer, storage=weight_dtype, rounding=rounding, seed=seed,
+                                       grad_clip=resolved.method.training.grad_clip)
+        result = _measure_layerwise(model, optimizer, layerwise_step, backward, steps, device)
+    else:
+        done = itertools.count()
+
+        def step() -> None:
+            backward()
+            optimizer_step(optimizer, storage=stepped, rounding=rounding, seed=seed, step=next(done))
+
+        result = measure(model, optimizer, step, steps, device=device)
+    labels = {"method": resolved.name, "rank": resolved.rank, "layerwise": resolved.layerwise}
+    return Measurement(**{**result.__dict__, "labels": labels})
+
+
+def _measure_layerwise(model: nn.Module, optimizer: torch.optim.Optimizer, layerwise_step: LayerwiseStep,
+                       backward: Callable[[], None], steps: int, device: torch.device) -> Measurement:
+    """:func:`measure` of the trainer's step with the optimizer inside backward: armed before
+    backward (one micro-batch per step), finished after it, no step after it; the gradients by a
+    :class:`LiveGradients` hooked first, so that it sees each gradient before it is freed."""
+    live = LiveGradients(model)
+    layerwise_step.hook_parameters()
     done = itertools.count()
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer_step(optimizer, storage=stepped, rounding=rounding, seed=seed, step=next(done))
+        layerwise_step.arm(next(done))
+        backward()
+        layerwise_step.finish()
 
-    result = measure(model, optimizer, step, steps, device=device)
-    return Measurement(**{**result.__dict__, "labels": {"method": resolved.name, "rank": resolved.rank}})
+    try:
+        return measure(model, optimizer, step, steps, device=device, live_gradients=live)
+    finally:
+        layerwise_step.close()
+        live.close()

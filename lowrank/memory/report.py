@@ -38,11 +38,15 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def describe(e: MemoryEstimate) -> str:
-    checkpointing = "on" if e.checkpointing else "off"
     return (
         f"{e.model} · weights {e.weight_dtype} · Adam moments {e.state_dtype or 'in the weight dtype'} · "
-        f"batch {e.batch_size} × {e.seq_len} tokens · activation checkpointing {checkpointing}"
+        f"batch {e.batch_size} × {e.seq_len} tokens · activation checkpointing {_on(e.checkpointing)} · "
+        f"layerwise step {_on(e.layerwise)}"
     )
 
 
@@ -123,7 +127,10 @@ def format_comparison(pairs: Sequence[tuple[MemoryEstimate, Measurement]]) -> st
     lines = [f"Estimate vs {first.steps} measured step(s) on {first.device} (peak: {first.peak_kind})", "", _align(rows, left=2)]
     if first.peak_forward_backward is not None:
         split = ", ".join(f"{e.method} {m.peak_forward_backward / scale:.1f} / {m.peak_optimizer_step / scale:.1f}" for e, m in pairs)
-        lines += ["", f"peak in forward+backward / in optimizer.step ({unit}): {split}"]
+        # with --layerwise-step the optimizer's updates run inside backward (lowrank.memory.measure)
+        layerwise = any(e.layerwise for e, _ in pairs)
+        where = "in the optimizer's updates (inside backward with --layerwise-step)" if layerwise else "in optimizer.step"
+        lines += ["", f"peak in forward+backward / {where} ({unit}): {split}"]
     if first.peak_rss is not None:
         rss = ", ".join(f"{e.method} {m.peak_rss / scale:.1f}" for e, m in pairs)
         lines += [f"process peak RSS ({unit}, cumulative over the whole process): {rss}"]
@@ -146,6 +153,7 @@ def to_json(estimates: Sequence[MemoryEstimate], baseline: MemoryEstimate, *, mo
             "batch_size": baseline.batch_size,
             "seq_len": baseline.seq_len,
             "checkpointing": baseline.checkpointing,
+            "layerwise": baseline.layerwise,
         },
         "baseline": {"method": baseline.method, "total": baseline.total},
         "estimates": [{**e.to_dict(), "ratio_to_full_rank": round(e.total / baseline.total, 4)} for e in estimates],
@@ -198,9 +206,9 @@ def plot(estimates: Sequence[MemoryEstimate], baseline: MemoryEstimate, path: st
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    checkpointing = "on" if baseline.checkpointing else "off"
     subtitle = (f"weights {baseline.weight_dtype}, Adam moments {baseline.state_dtype or 'in the weight dtype'}, "
-                f"batch {baseline.batch_size} × {baseline.seq_len} tokens, activation checkpointing {checkpointing}")
+                f"batch {baseline.batch_size} × {baseline.seq_len} tokens, activation checkpointing "
+                f"{_on(baseline.checkpointing)}, layerwise step {_on(baseline.layerwise)}")
     ax.set_title(title or f"Estimated training memory — {baseline.model}\n{subtitle}", fontsize=10, loc="left", pad=26)
     ax.legend(ncol=4, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, fontsize=9, borderaxespad=0.2)
     fig.tight_layout()

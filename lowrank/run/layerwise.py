@@ -124,9 +124,15 @@ class LayerwiseStep:
         norm = self.previous_norm
         self.scale = min(1.0, self.grad_clip / (norm + CLIP_EPS)) if (self.grad_clip and norm is not None) else 1.0
 
-    @torch.no_grad()
     def update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """One parameter's step from its complete gradient (skipped when not finite)."""
+        """One parameter's step from its complete gradient (skipped when not finite), named as
+        torch names an optimizer step so that profilers (:mod:`lowrank.memory.measure`) tell the
+        updates inside backward from the rest of it."""
+        with torch.no_grad(), torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(self.optimizer).__name__}.step_param"):
+            self._update(p, grad)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         index = self.index[id(p)]
         square = local(grad).float().square().sum()
         if self.sum_over_ranks is not None:

@@ -45,9 +45,10 @@ from ..distributed import Heartbeat, init_distributed, is_comm_failure, paramete
 from ..distributed.strategy import check_comm, make_strategy
 from ..dtypes import dtype_name
 from ..errors import UsageError
-from ..methods import apply_method, build_controller, build_optimizer, dense_adamw_override, load_method, param_groups
+from ..methods import (apply_method, build_controller, build_method_model, build_optimizer, dense_adamw_override, load_method,
+                       param_groups)
 from ..models import build_model, load_model_config
-from ..precision import param_dtype
+from ..precision import compute_dtype, param_dtype
 from ..wrap import count_parameters, is_wrapped
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import TrainConfig, autocast_for, total_steps, validate_config
@@ -100,7 +101,10 @@ class Trainer:
         training = self.method.training
         self.health = StepHealth(training.nonfinite_grads, training.max_skipped_steps, training.dead_steps)
         self.step = self.resume.step if self.resume else 0
-        self.model = build_model(self.model_config, seed=cfg.seed).to(self.device)
+        # Layer by layer in the storage dtype, factorized as built: never the dense fp32 model whole
+        # (a LLaMA-7B shape is 25 GiB so); the same values as building it dense and wrapping it.
+        self.model = build_method_model(self.model_config, self.method, seed=cfg.seed, dtype=self.param_dtype,
+                                        device=self.device, lowrank=not self.phase_at(self.step).dense)
         self.optimizer: torch.optim.Optimizer | None = None
         self.layerwise: LayerwiseStep | None = None
         self._enter(self.phase_at(self.step), carry_state=False)
@@ -120,7 +124,9 @@ class Trainer:
         self.method = self.method.with_overrides(dense_adamw_override(self.method.optimizer.name, self.param_dtype, None,
                                                                        per_parameter=self.layerwise_step))
         self.autocast, self.precision = autocast_for(self.device, cfg.precision, self.param_dtype)
-        self.compute_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # of the weights' math
+        dtype, autocast = compute_dtype(self.device, self.param_dtype, cfg.precision)
+        # the dtype the layers compute in from their stored weights (autocast casts inside the ops instead)
+        self.compute_dtype = self.param_dtype if autocast else dtype
         self.strategy = make_strategy(cfg.strategy, self.dist, self.device, comm=cfg.comm, precision=self.precision)
         self._check_storage()
         self._check_layerwise()
