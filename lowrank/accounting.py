@@ -6,6 +6,8 @@ and are the ground truth the analytic estimator in :mod:`lowrank.memory` is test
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
 from typing import Any
@@ -21,6 +23,9 @@ __all__ = [
     "optimizer_state_bytes",
     "peak_memory_bytes",
     "reset_peak_memory",
+    "optimizer_extra_bytes",
+    "live_bytes",
+    "profiled_allocation_rises",
 ]
 
 
@@ -91,3 +96,72 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def optimizer_extra_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """What an optimizer keeps outside its state: ProjectedAdamW's (and Muon's AdamW half's)
+    sparse-momentum index cache; 0 for optimizers without one."""
+    state_bytes = getattr(optimizer, "state_bytes", None)
+    return state_bytes().subset_cache if callable(state_bytes) else 0
+
+
+def live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes training holds between steps: parameters, buffers, gradients, the optimizer's state
+    and what it keeps outside it (:func:`optimizer_extra_bytes`)."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return parameter_bytes(model) + buffer_bytes(model) + grads + optimizer_state_bytes(optimizer) + optimizer_extra_bytes(optimizer)
+
+
+def profiled_allocation_rises(step_fn) -> tuple[Any, tuple[int, int] | None]:
+    """Run ``step_fn`` under the torch profiler with memory events and return ``(its result,
+    (largest rise of CPU allocations inside optimizer steps, largest rise elsewhere))`` — the CPU
+    analogue of CUDA's ``max_memory_allocated`` once added to the bytes live before the step
+    (:func:`live_bytes`); ``None`` when the profiler gave no allocation events.
+
+    Reads the raw allocation (+) and free (-) events of the CPU allocator in time order (the
+    aggregated FunctionEvents attribute allocations to ops, which loses the order a peak needs);
+    ``torch.optim.Optimizer.step`` annotates itself as ``Optimizer.step#<class>.step`` (our bf16
+    and in-backward steps name themselves alike), which splits the peak between the optimizer's
+    updates and the rest. A tensor allocated before the profiler started and freed while it runs
+    is not reliably reported (the profiler pairs a free with an allocation it saw): free what the
+    previous step left (its gradients) before calling this.
+    """
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # Kineto prints "profiler_start" / "profiler_stop" lines into a training run's log
+        prof.start()
+    try:
+        result = step_fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
+    try:
+        events = list(prof.profiler.kineto_results.events())
+    except AttributeError:
+        return result, None
+    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    if not memory:
+        return result, None
+    steps = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name().startswith("Optimizer.step#")]
+    live = in_step = elsewhere = 0
+    for event in memory:
+        live += event.nbytes()
+        if any(start <= event.start_ns() <= end for start, end in steps):
+            in_step = max(in_step, live)
+        else:
+            elsewhere = max(elsewhere, live)
+    return result, (in_step, elsewhere)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at ``/dev/null`` (C++ libraries write there, not to ``sys.stderr``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -331,3 +331,20 @@ def test_cli_rejects_a_config_that_is_not_a_causal_lm(capsys, tmp_path):
     path.write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}))
     code, _, err = _run(capsys, "--model", str(path))
     assert code == 2 and "not a causal language model" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_pretrain_reports_the_allocator_peak_that_measure_reports(tmp_path, layerwise):
+    """``lowrank pretrain``'s summary (and its second step's metrics record) carry the allocator's
+    peak over one step — on a CPU, live bytes before the step plus the profiler's largest rise —
+    the number ``lowrank memory --measure`` gives for the same step. The trainer's step holds in
+    addition only its batch of token ids (2 × 32 int64) and its loss accumulator."""
+    from lowrank.train import TrainConfig, pretrain
+
+    summary = pretrain(TrainConfig(method="low_rank", model="tiny", data="builtin", rank=8, batch_size=2, seq_len=32,
+                                   max_steps=3, eval_every=0, eval_tokens=512, out=str(tmp_path / "run"), progress=False,
+                                   plot=False, layerwise_step=layerwise))
+    measured = measure_method("tiny", "low_rank", steps=2, device="cpu", rank=8, batch_size=2, seq_len=32, layerwise=layerwise)
+    assert 0 <= summary["allocator_peak_bytes"] - measured.peak <= 2 * 32 * 8 + 1024
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["allocator_peak_bytes"] for r in records if "allocator_peak_bytes" in r] == [summary["allocator_peak_bytes"]]

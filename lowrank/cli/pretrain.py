@@ -125,6 +125,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("optimizer state", gib(summary["optimizer_state_bytes"])),
         ("params + grads + state", gib(summary["model_state_bytes"])),
         (f"peak memory ({summary['peak_memory_kind']})", gib(summary["peak_memory_bytes"])),
+        ("allocator peak (one step)", gib(summary.get("allocator_peak_bytes"))),
         ("run folder", summary["run_dir"]),
     ]
     width = max(len(name) for name, _ in rows)

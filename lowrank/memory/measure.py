@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..accounting import buffer_bytes, gradient_bytes, optimizer_state_bytes, parameter_bytes, peak_memory_bytes, reset_peak_memory
+from ..accounting import (buffer_bytes, gradient_bytes, live_bytes, optimizer_extra_bytes, optimizer_state_bytes, parameter_bytes,
+                          peak_memory_bytes, profiled_allocation_rises, reset_peak_memory)
 from ..errors import UsageError
-from ..optim import ProjectedAdamW
 from ..precision import compute_dtype
 from ..run.layerwise import LayerwiseStep
 from ..run.step import optimizer_step, prepare_model
@@ -86,15 +86,6 @@ class Measurement:
         return data
 
 
-def _live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    return parameter_bytes(model) + buffer_bytes(model) + grads + optimizer_state_bytes(optimizer) + _extra_bytes(optimizer)
-
-
-def _extra_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return optimizer.state_bytes().subset_cache if isinstance(optimizer, ProjectedAdamW) else 0
-
-
 class LiveGradients:
     """The most ``.grad`` bytes alive at once, seen whenever a gradient is complete.
 
@@ -141,33 +132,6 @@ class _SavedTensors:
         return sum(self.seen.values())
 
 
-def _profiler_rises(prof) -> tuple[int, int] | None:
-    """Largest rise of CPU allocations during the profiled step, ``(in optimizer.step, elsewhere)``.
-
-    Reads the raw allocation (+) and free (-) events of the CPU allocator in time order (the
-    aggregated FunctionEvents attribute allocations to ops, which loses the order a peak needs);
-    ``torch.optim.Optimizer.step`` annotates itself as ``Optimizer.step#<class>.step``, which
-    splits the peak between the optimizer step and forward/backward.
-    """
-    try:
-        events = list(prof.profiler.kineto_results.events())
-    except AttributeError:
-        return None
-    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
-    if not memory:
-        return None
-    steps = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name().startswith("Optimizer.step#")]
-    live = in_step = elsewhere = 0
-    for event in memory:
-        live += event.nbytes()
-        if any(start <= event.start_ns() <= end for start, end in steps):
-            in_step = max(in_step, live)
-        else:
-            elsewhere = max(elsewhere, live)
-    return in_step, elsewhere
-
-
 def measure(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -210,15 +174,15 @@ def measure(
     # stay counted in the baseline: the gradients twice at the peak.
     optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    baseline = _live_bytes(model, optimizer)
+    baseline = live_bytes(model, optimizer)
     if live_gradients is not None:
         live_gradients.reset()
     use_profiler = profile and not cuda
     start = time.perf_counter()
+    rises = None
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
         if use_profiler:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-                step_fn()
+            _, rises = profiled_allocation_rises(step_fn)
         else:
             step_fn()
     if cuda:
@@ -229,7 +193,6 @@ def measure(
     if cuda:
         peak, kind, rss = int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated", None
     else:
-        rises = _profiler_rises(prof) if use_profiler else None
         if rises is not None:
             in_step, elsewhere = baseline + rises[0], baseline + rises[1]
         peak = None if rises is None else max(in_step, elsewhere)
@@ -243,7 +206,7 @@ def measure(
         weights=parameter_bytes(model) + buffer_bytes(model),
         gradients=gradient_bytes(model) if live_gradients is None else live_gradients.peak,
         optimizer_state=optimizer_state_bytes(optimizer),
-        optimizer_extra=_extra_bytes(optimizer),
+        optimizer_extra=optimizer_extra_bytes(optimizer),
         activations=saved.total,
         peak=peak,
         peak_kind=kind,

@@ -444,12 +444,17 @@ class Trainer:
         if logger is not None:  # a resumed run averages over the steps before the resume too
             recent_losses.extend(r["loss"] for r in logger.history if "loss" in r)
         val_loss = None
+        self.allocator_peak = None
+        profiled_step = self.step + 2  # this process's second step: the optimizer's state exists
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
                    desc=self.method.name, unit="step")
         while self.step < self.total_steps:
             started = time.perf_counter()
             try:
-                loss, grad_norm, lr = self._train_step()
+                if self.step + 1 == profiled_step:
+                    loss, grad_norm, lr = self._allocator_profiled(self._train_step)
+                else:
+                    loss, grad_norm, lr = self._train_step()
             except StopTraining as stop:
                 raise self._diverged(str(stop), self.step + 1) from None
             if self.device.type == "cuda":
@@ -465,6 +470,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.skipped:
                     logger.log({"step": self.step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                 "tokens_per_s": self.tokens_per_step / elapsed, "peak_memory_bytes": memory,
+                                **({"allocator_peak_bytes": self.allocator_peak} if self.step == profiled_step else {}),
                                 **self.strategy.comm_record(), **({"skipped": True} if self.skipped else {})})
                 if self.event is not None:
                     event = self.event
@@ -501,6 +507,21 @@ class Trainer:
                 plot_loss_curves(self.folder.metrics, self.folder.loss_plot, title=f"{self.method.name} · {summary['model']}")
         return summary
 
+    def _allocator_profiled(self, train_step):
+        """``train_step()`` with the allocator's peak recorded (:attr:`allocator_peak`): CUDA's
+        ``max_memory_allocated``; on a CPU the bytes live before the step plus the
+        torch profiler's largest rise of allocations during it (as ``lowrank memory --measure``).
+        One step, not every step: the profiler slows the step it watches."""
+        if self.device.type == "cuda":  # since the start of the run (the first step's peak is no higher)
+            result = train_step()
+            self.allocator_peak = int(torch.cuda.max_memory_allocated(self.device))
+            return result
+        gc.collect()  # no collection of earlier garbage inside the profiled step
+        before = accounting.live_bytes(self.model, self.optimizer)
+        result, rises = accounting.profiled_allocation_rises(train_step)
+        self.allocator_peak = None if rises is None else before + max(rises)
+        return result
+
     def _summary(self, step_times: list[float], recent_losses, val_loss: float | None) -> dict[str, Any]:
         own_hash = parameter_hash(self.model)
         hashes = [own_hash]
@@ -529,6 +550,8 @@ class Trainer:
             "model_state_bytes": accounting.parameter_bytes(self.model) + accounting.gradient_bytes(self.model) + state_bytes,
             "peak_memory_bytes": accounting.peak_memory_bytes(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss",
+            # the allocator's peak over one step (this process's second), as lowrank memory --measure reports it
+            "allocator_peak_bytes": self.allocator_peak,
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
             "world_size": self.dist.world_size,
             "strategy": self.strategy.name,
