@@ -79,10 +79,16 @@ def scaled_overrides(contender: Contender, suite: Suite) -> dict[str, Any]:
 
 def has_ratio(contender: Contender) -> bool:
     """Whether the contender has a ``matrix`` group of ours whose lr ratio can be swept: the
-    low-rank family (presets with a ``lowrank`` section), not peers or dense presets."""
+    low-rank family (presets with a ``lowrank`` section) and a dense preset whose hidden matrices
+    are a group of their own (``optimizer.target_modules``: the fair full-rank baseline); not
+    peers, nor projected-gradient presets (their matrices' lr is the published ``scale``)."""
     from lowrank.methods import load_method
 
-    return contender.peer is None and load_method(contender.preset).lowrank is not None
+    if contender.peer is not None:
+        return False
+    method = load_method(contender.preset, dict(contender.overrides))
+    return method.lowrank is not None or (method.optimizer.target_modules is not None
+                                          and not method.optimizer.matrix.get("projection"))
 
 
 def base_lr(contender: Contender) -> float:

@@ -38,11 +38,11 @@ fi
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # Leave the command's 10 minutes a margin for start-up and the report.
-timeout 400 "$python" benchmarks/compare.py --suite gpu-60m-quick --data "$data" --out "$out" --work /tmp/lowrank-bench --jobs 1 || true
+timeout 320 "$python" benchmarks/compare.py --suite gpu-60m-quick --data "$data" --out "$out" --work /tmp/lowrank-bench --jobs 1 || true
 "$python" benchmarks/report.py --suite gpu-60m-quick --results "$out" --readme /dev/null --docs "$out"
 # What fits, measured with CUDA's allocator: LLaMA-1B per storage option, and the 7B low-memory row
 # (benchmarks/bench_fit.py, rows kept in $out/fit.json as they finish).
 cp benchmarks/results/fit.json "$out/fit.json" 2>/dev/null || true
-timeout 100 "$python" benchmarks/bench_fit.py --device cuda --models llama_1b --seq-len 1024 --out-dir "$out" || true
-timeout 60 "$python" benchmarks/bench_fit.py --device cuda --models llama_7b --methods lowrank_sparse_8bit \
-    --options bf16+ckpt --seq-len 1024 --out-dir "$out" || true
+timeout 80 "$python" benchmarks/bench_fit.py --device cuda --models llama_1b --seq-len 1024 --out-dir "$out" || true
+timeout 80 "$python" benchmarks/bench_fit.py --device cuda --models llama_7b --methods lowrank_sparse_8bit \
+    --options bf16+ckpt,bf16+ckpt+layerwise --seq-len 1024 --out-dir "$out" || true

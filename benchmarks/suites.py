@@ -127,6 +127,17 @@ CONTENDERS = {
     "low_rank_reset": Contender("low_rank_reset", lr=1.5e-3, source="ablation: momentum reset only"),
     "low_rank_restarts@100": Contender("low_rank_restarts", lr=1.5e-3, cycle=100, source="ablation: period 100"),
     "low_rank_restarts@400": Contender("low_rank_restarts", lr=1.5e-3, cycle=400, source="ablation: period 400"),
+    # Remedies for the sign(g)-sized first Adam updates after a reset (benchmarks/diagnose_restarts.py):
+    # keep v and reset only m (its uncorrected rebuild is a built-in ramp), or SPAM's update warm-up.
+    "low_rank_restarts-first": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("restarts.reset_moments", "first"),),
+                                         source="remedy: reset the first moment only"),
+    "low_rank_restarts-warmup": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("optimizer.matrix.reset_warmup", 10),),
+                                          source="remedy: post-reset update warm-up, 10 steps"),
+    # The fair full-rank baseline: the hidden matrices in a group of their own at lr × matrix_lr_ratio
+    # (swept), embeddings / head / norms at lr — the split the low-rank family gets.
+    "adamw-split": Contender("full_rank", lr=1e-3, overrides=(("optimizer.name", "projected_adamw"),
+                                                              ("optimizer.target_modules", "all-linear")),
+                             source="AdamW's, with the matrix/dense lr split"),
     "stable_spam": Contender("stable_spam", lr=1e-3, source="Stable-SPAM paper"),
     # 4-bit training (Stable-SPAM's INT4: weights asymmetric per group of 256, activations per group
     # of 64 with stochastic rounding and the top-2 of each group in full precision; the quant section).
@@ -189,10 +200,10 @@ SUITES = {
                       note="LLaMA-20M shape (hidden 256, 4 layers) with a 4096-token BPE: 5.3M parameters, 3.2M of them in "
                            "the decoder layers",
                       contenders=("adamw", "galore-torch", "fira", "low_rank", "low_rank_restarts", "lowrank_sparse", "relora",
-                                  "sltrain"),
+                                  "sltrain", "adamw-split"),
                       sweep_all=True, ratio_sweep=(0.5, 2.0), seeds=(0, 1, 2),
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
-                                "low_rank_restarts@400"),
+                                "low_rank_restarts@400", "low_rank_restarts-first", "low_rank_restarts-warmup"),
                       ablation_base="low_rank"),
     # The seed papers' low-bit and quantization-readiness claims on cpu-long's model at a shorter
     # budget (600 steps, 614k tokens per run): 4-bit training at 1×/2×/4× each lr (the Stable-SPAM

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .optim.reset import DEFAULT_RESET_MOMENTS, RESET_MOMENTS
 from .wrap import lowrank_layers
 
 __all__ = [
@@ -72,17 +73,18 @@ def jagged_cosine(
     return envelope
 
 
-def reset_optimizer_momentum(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
+def reset_optimizer_momentum(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None,
+                             moments: str = DEFAULT_RESET_MOMENTS) -> int:
     """Zero the moments of ``params`` (all when ``None``) and restart their bias correction.
 
     Uses the optimizer's own ``reset_momentum`` when it has one (:class:`lowrank.optim.ProjectedAdamW`
     restarts its warm-up ramp and sparse subsets too); for ``torch.optim.Adam``/``AdamW`` it
-    zeroes ``exp_avg``/``exp_avg_sq`` and the step count in place. Returns the number of
-    parameters reset.
+    zeroes ``exp_avg``/``exp_avg_sq`` and the step count in place (``moments="first"``: only
+    ``exp_avg``, :data:`lowrank.optim.reset.RESET_MOMENTS`). Returns the number of parameters reset.
     """
     params = list(params) if params is not None else [p for group in optimizer.param_groups for p in group["params"]]
     if hasattr(optimizer, "reset_momentum"):
-        optimizer.reset_momentum(params)
+        optimizer.reset_momentum(params, moments)
         return len(params)
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(
@@ -93,9 +95,11 @@ def reset_optimizer_momentum(optimizer: torch.optim.Optimizer, params: Iterable[
         state = optimizer.state.get(param)
         if not state:
             continue
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        for key in ("exp_avg",) if moments == "first" else ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state:
                 state[key].zero_()
+        if moments == "first":
+            continue
         if torch.is_tensor(state["step"]):
             state["step"].zero_()
         else:
@@ -168,6 +172,7 @@ class RestartController:
         cycle_length: int | None = 200,
         event: str = DEFAULT_EVENT,
         reset: str = DEFAULT_RESET,
+        reset_moments: str = DEFAULT_RESET_MOMENTS,
         warmup_steps: int = 0,
         rewarmup_steps: int = 0,
         min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
@@ -186,6 +191,8 @@ class RestartController:
             raise ValueError(f"event must be one of {', '.join(EVENTS)}, got {event!r}")
         if reset not in RESETS:
             raise ValueError(f"reset must be one of {', '.join(RESETS)}, got {reset!r}")
+        if reset_moments not in RESET_MOMENTS:
+            raise ValueError(f"reset_moments must be one of {', '.join(RESET_MOMENTS)}, got {reset_moments!r}")
         if cycle_length is not None and cycle_length <= 0:
             raise ValueError(f"cycle_length must be a positive number of steps or None, got {cycle_length!r}")
         if total_steps is None or total_steps <= 0:
@@ -206,6 +213,7 @@ class RestartController:
         self.cycle_length = cycle_length
         self.event = event
         self.reset = reset
+        self.reset_moments = reset_moments
         self.warmup_steps = warmup_steps
         self.rewarmup_steps = rewarmup_steps
         self.min_lr_ratio = min_lr_ratio
@@ -294,9 +302,9 @@ class RestartController:
             if self.reset == "factors":
                 changed = [p for layer in lowrank_layers(self.model).values() for p in layer.factor_parameters()]
             trainable = [p for p in changed if p.requires_grad]
-            reset_count = reset_optimizer_momentum(self.optimizer, trainable) if trainable else 0
+            reset_count = reset_optimizer_momentum(self.optimizer, trainable, self.reset_moments) if trainable else 0
         elif self.reset == "all":
-            reset_count = reset_optimizer_momentum(self.optimizer)
+            reset_count = reset_optimizer_momentum(self.optimizer, moments=self.reset_moments)
         else:
             reset_count = 0
         record = RestartEvent(

@@ -171,3 +171,38 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="cannot reset the momentum of SGD"):
         RestartController(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, cycle_length=1,
                           event="none", reset="all").restart()
+
+
+@pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
+def test_reset_of_the_first_moment_only_keeps_v_and_the_bias_correction(optimizer_cls):
+    """reset_moments='first' (a remedy for the sign(g)-sized first update after a full reset):
+    the factors' exp_avg is zeroed, their exp_avg_sq and step count go on; the first update after
+    it is (1 − β₁)·g/(√v̂ + ε), against sign(g)·lr-sized after a full reset."""
+    model, optimizer, controller, factors, _ = wrapped_with_controller(optimizer_cls, event="none", reset="factors",
+                                                                       reset_moments="first")
+    ids = tokens(2, 16)
+    train_steps(model, optimizer, controller, 2, ids)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    saved = {id(p): (optimizer.state[p]["exp_avg_sq"].clone(), int(optimizer.state[p]["step"])) for p in factors}
+    event = controller.step()
+    assert event is not None and event.reset_params == len(factors)
+    for p in factors:
+        state = optimizer.state[p]
+        assert torch.count_nonzero(state["exp_avg"]) == 0
+        assert torch.equal(state["exp_avg_sq"], saved[id(p)][0]) and int(state["step"]) == saved[id(p)][1]
+    # the next step of a factor, by the formula (lr from the controller's schedule, no weight decay)
+    p = factors[0]
+    before, v = p.detach().clone(), saved[id(p)][0]
+    model(ids, labels=ids).loss.backward()
+    grad = p.grad.clone()
+    optimizer.step()
+    beta1, beta2 = optimizer.param_groups[0]["betas"]
+    t = saved[id(p)][1] + 1
+    m_hat = (1 - beta1) * grad / (1 - beta1**t)
+    v_hat = (beta2 * v + (1 - beta2) * grad**2) / (1 - beta2**t)
+    lr = optimizer.param_groups[0]["lr"]
+    torch.testing.assert_close(p.detach(), before - lr * m_hat / (v_hat.sqrt() + 1e-8), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="reset_moments must be one of both, first"):
+        RestartController(model, optimizer, total_steps=5, cycle_length=2, reset_moments="second")

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..optim import ProjectedAdamW
+from ..optim.reset import DEFAULT_RESET_MOMENTS
 from ..restarts import RestartController
 from ..wrap import is_wrapped, lowrank_layers, match_target_modules, wrap
 from .sections import Method
@@ -184,6 +185,7 @@ def build_controller(
             cycle_length=restarts.cycle_length if restarts else None,
             event=restarts.event if restarts and layer_events else "none",
             reset=restarts.reset if restarts and layer_events else "none",
+            reset_moments=restarts.reset_moments if restarts else DEFAULT_RESET_MOMENTS,
             warmup_steps=method.warmup_steps(total_steps),
             rewarmup_steps=restarts.rewarmup_steps if restarts else 0,
             min_lr_ratio=method.schedule.min_lr_ratio,

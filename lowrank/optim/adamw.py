@@ -29,7 +29,7 @@ from .options import (  # noqa: F401  (re-exported: lowrank.optim.adamw was thei
     validate_group,
 )
 from .projection import projector_refresh_due  # noqa: F401  (re-exported, as above)
-from .reset import init_counters, reset_state_, scheduled_reset_due, warmup_factor
+from .reset import DEFAULT_RESET_MOMENTS, init_counters, reset_state_, scheduled_reset_due, warmup_factor
 from .shard import (RowShard, dense_rows, hold_local_, is_sharded, local, replicated_moments, resize_slice_,
                     sparse_rows)
 from .spikes import stable_spam
@@ -185,13 +185,14 @@ class ProjectedAdamW(Optimizer):
     # ------------------------------------------------------------------ public helpers
 
     @torch.no_grad()
-    def reset_momentum(self, params: Iterable[torch.Tensor] | None = None) -> None:
+    def reset_momentum(self, params: Iterable[torch.Tensor] | None = None, moments: str = DEFAULT_RESET_MOMENTS) -> None:
         """Zero Adam's moments of ``params`` (default: all) and restart their bias correction.
 
         Also restarts the reset warm-up ramp and the spike-clip skip window, forgets the
         norm-growth limiter's history, and for sparse momentum starts a new period with a new
         subset. Call it when a parameter's coordinates change (refactorization, merge).
-        Parameters that have not stepped yet have nothing to reset.
+        Parameters that have not stepped yet have nothing to reset. ``moments="first"``: only
+        ``exp_avg`` (:data:`lowrank.optim.reset.RESET_MOMENTS` says what goes on).
         """
         if params is None:
             targets = [p for group in self.param_groups for p in group["params"]]
@@ -204,7 +205,7 @@ class ProjectedAdamW(Optimizer):
         for p in targets:
             state = self.state.get(p)
             if state and "exp_avg" in state:
-                self._reset(p, state)
+                self._reset(p, state, moments)
 
     def state_bytes(self) -> StateBytes:
         """Exact tensor bytes in ``self.state``, in total and per parameter group."""
@@ -428,9 +429,10 @@ class ProjectedAdamW(Optimizer):
         for key, value in zip(MOMENT_KEYS, moments):
             lowbit.encode_state_(state[key], state[ABSMAX_KEYS[key]], value, group["state_bits"], MOMENT_SIGNED[key])
 
-    def _reset(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        reset_state_(state)
-        self._subsets.pop(p, None)  # a new period: a new subset
+    def _reset(self, p: torch.Tensor, state: dict[str, Any], moments: str = DEFAULT_RESET_MOMENTS) -> None:
+        reset_state_(state, moments)
+        if moments == "both":
+            self._subsets.pop(p, None)  # a new period: a new subset
 
     def _step_foreach(self, params: list[torch.Tensor], group: dict[str, Any], grads: list[torch.Tensor]) -> None:
         """Plain AdamW (:func:`lowrank.optim.adam.adamw_foreach_`) of ``params``, in chunks of at

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from ..errors import UsageError
 from .adamw import ProjectedAdamW
 from .layout import StateBytes, muon_state_layout
+from .reset import DEFAULT_RESET_MOMENTS
 from .options import ADAM_DEFAULTS, OPTION_DEFAULTS, check_step_hyperparameters, validate_group
 
 __all__ = ["ADJUST_LR", "NS_COEFFICIENTS", "Muon", "adjusted_lr", "muon_param_groups", "muon_update", "newton_schulz"]
@@ -333,12 +334,13 @@ class Muon(Optimizer):
     # ------------------------------------------------------------------ public helpers
 
     @torch.no_grad()
-    def reset_momentum(self, params: Iterable[torch.Tensor] | None = None) -> None:
+    def reset_momentum(self, params: Iterable[torch.Tensor] | None = None, moments: str = DEFAULT_RESET_MOMENTS) -> None:
         """Zero the momentum of ``params`` (default: all) and restart their step counts.
 
         Muon parameters: ``momentum_buffer`` is zeroed and ``step`` set to 0. AdamW parameters:
         :meth:`ProjectedAdamW.reset_momentum` (moments, bias correction, warm-up ramp, sparse
-        subsets). Parameters that have not stepped yet have nothing to reset.
+        subsets). Parameters that have not stepped yet have nothing to reset. ``moments``: as
+        ProjectedAdamW's (Muon has one moment: ``first`` zeroes it and keeps the step count).
         """
         use_muon = {id(p): group["use_muon"] for group in self.param_groups for p in group["params"]}
         targets = [p for group in self.param_groups for p in group["params"]] if params is None else list(params)
@@ -349,10 +351,11 @@ class Muon(Optimizer):
             state = self.state.get(p)
             if use_muon[id(p)] and state and "momentum_buffer" in state:
                 state["momentum_buffer"].zero_()
-                state["step"] = 0
+                if moments == "both":
+                    state["step"] = 0
         adamw = [p for p in targets if not use_muon[id(p)]]
         if adamw:
-            self._adamw_half().reset_momentum(adamw)
+            self._adamw_half().reset_momentum(adamw, moments)
 
     def state_bytes(self) -> StateBytes:
         """Exact tensor bytes in ``self.state``, in total and per parameter group (the AdamW

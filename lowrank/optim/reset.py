@@ -36,9 +36,26 @@ def scheduled_reset_due(state: dict[str, Any], interval: int) -> bool:
     return bool(interval) and total > 0 and total % interval == 0 and "exp_avg" in state
 
 
-def reset_state_(state: dict[str, Any]) -> None:
+RESET_MOMENTS = ("both", "first")
+DEFAULT_RESET_MOMENTS = RESET_MOMENTS[0]
+"""What a momentum reset clears: ``both`` moments (and bias correction restarts), or only the
+``first`` — Adam's ``v`` and its bias correction go on, so ``m`` rebuilds from zero over about
+``1/(1 − β₁)`` steps uncorrected: the first updates after the reset are ``(1 − β₁)·g/√v̂``-sized, a
+built-in warm-up, where a full reset makes them ``sign(g)``-sized (``|Δ| = lr`` per entry)."""
+
+
+def reset_state_(state: dict[str, Any], moments: str = DEFAULT_RESET_MOMENTS) -> None:
     """Zero the moments (quantized ones: codes and block scales, which dequantize to zero), restart
-    bias correction, count the reset, and forget the norm-growth limiter's history."""
+    bias correction, count the reset, and forget the norm-growth limiter's history. With
+    ``moments="first"`` only ``exp_avg`` is zeroed; ``exp_avg_sq``, the step count (bias
+    correction) and the period (a sparse subset, whose ``v`` is kept) go on."""
+    if moments not in RESET_MOMENTS:
+        raise ValueError(f"moments must be one of {', '.join(RESET_MOMENTS)}, got {moments!r}")
+    if moments == "first":
+        state["exp_avg"].zero_()
+        if ABSMAX_KEYS["exp_avg"] in state:
+            state[ABSMAX_KEYS["exp_avg"]].zero_()
+        return
     for key in MOMENT_KEYS:
         state[key].zero_()
         if ABSMAX_KEYS[key] in state:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import UsageError
+from ...optim.reset import DEFAULT_RESET_MOMENTS, RESET_MOMENTS
 from ...restarts import DEFAULT_EVENT, DEFAULT_RESET, EVENTS, RESETS
 from .base import SectionView, _Check
 
@@ -12,11 +13,13 @@ from .base import SectionView, _Check
 @dataclass(frozen=True)
 class RestartsSection(SectionView):
     """The restart clock (:class:`~lowrank.restarts.RestartController`): every ``cycle_length``
-    steps a layer ``event`` and a momentum ``reset``, then an LR re-warm-up of ``rewarmup_steps``."""
+    steps a layer ``event`` and a momentum ``reset`` (of ``reset_moments``: both of Adam's moments, or
+    only the first, :data:`lowrank.optim.reset.RESET_MOMENTS`), then an LR re-warm-up of ``rewarmup_steps``."""
 
     cycle_length: int
     event: str = DEFAULT_EVENT
     reset: str = DEFAULT_RESET
+    reset_moments: str = DEFAULT_RESET_MOMENTS
     rewarmup_steps: int = 0
 
     NAME = "restarts"
@@ -24,6 +27,7 @@ class RestartsSection(SectionView):
         "cycle_length": _Check.integer(1),
         "event": _Check.choice(EVENTS),
         "reset": _Check.choice(RESETS),
+        "reset_moments": _Check.choice(RESET_MOMENTS),
         "rewarmup_steps": _Check.integer(0),
     }
 
