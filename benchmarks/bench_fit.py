@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, comma_names, machine_info, replace_readme_block  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 NAME = "fit"
 METHODS = ("full_rank", "galore", "low_rank_restarts", "lowrank_sparse_8bit")
 RANKS = {"llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}  # the memory table's r/d
@@ -102,6 +106,36 @@ def measure_row(settings: dict) -> dict:
     }
 
 
+def pretrain_row(settings: dict, out: Path) -> dict:
+    """A run of ``lowrank pretrain`` itself (``--pretrain``): its losses, the allocator's peak of its
+    second step and its peak RSS, beside the estimate for the same options and full-rank AdamW's."""
+    from lowrank.memory import estimate
+
+    flags = {"bfloat16": ["--param-dtype", "bf16"], "float32": ["--param-dtype", "fp32"]}[settings["weight_dtype"]]
+    flags += ["--activation-checkpointing"] * settings["checkpointing"] + ["--layerwise-step"] * settings["layerwise"]
+    command = [sys.executable, "-m", "lowrank", "pretrain", "--method", settings["method"], "--model", settings["model"],
+               "--rank", str(settings["rank"]), *flags, "--data", "builtin", "--seq-len", str(settings["seq_len"]),
+               "--batch-size", str(settings["batch_size"]), "--max-steps", str(settings["steps"]), "--lr", str(settings["lr"]),
+               "--eval-every", "0", "--eval-tokens", str(4 * settings["seq_len"]), "--out", str(out), "--overwrite",
+               "--json-out", str(out / "summary.json"), "--no-progress", "--no-plot"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
+                   batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
+                   layerwise=settings["layerwise"])
+    mine = estimate(settings["model"], settings["method"], compute_dtype="float32", **options)  # fp32 compute on a CPU
+    full = estimate(settings["model"], "full_rank", compute_dtype="float32", **options)
+    return {"settings": settings, "seconds": time.perf_counter() - started,
+            "losses": [r["loss"] for r in records if "loss" in r], "val_loss": summary["val_loss"],
+            "allocator_peak": summary["allocator_peak_bytes"], "peak_rss": summary["peak_memory_bytes"],
+            "tokens_per_s": summary["tokens_per_s"], "estimate": mine.to_dict(), "full_rank_estimate": full.total}
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -109,9 +143,9 @@ def load(path: Path) -> dict:
 def render(data: dict) -> str:
     """The README block: per model, method and options, estimate vs measured peak."""
     rows = data.get("rows", {})
-    if not rows:
+    if not rows and not data.get("trained"):
         return "No rows yet: run `python benchmarks/bench_fit.py`."
-    first = next(iter(rows.values()))["settings"]
+    first = next(iter(rows.values()), {"settings": {"batch_size": 1, "seq_len": 256}})["settings"]
     lines = [
         f"Two real steps of the trainer's step per row ({data['machine']['cpu']}, 1 thread; a GPU row: its device), batch "
         f"{first['batch_size']} × {first['seq_len']} tokens, the memory table's ranks; from "
@@ -127,6 +161,21 @@ def render(data: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|:---:|---:|",
     ]
     lines += [render_row(row) for row in rows.values()]
+    trained = data.get("trained", {})
+    if trained:
+        lines += ["", "Trained end to end by `lowrank pretrain` (`--pretrain`; built layer by layer in the storage dtype): "
+                  "the allocator's peak of its second step (the torch profiler's, as above) and the process's peak RSS "
+                  "(every page it ever touched, freed ones the C allocator kept included), beside the estimate and "
+                  "full-rank AdamW's estimate for the same shape and options.", "",
+                  "| model | method | options | tokens / step | steps: train loss | estimate GiB | allocator peak GiB | "
+                  "peak RSS GiB | full-rank estimate GiB | s / step |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        for row in trained.values():
+            s = row["settings"]
+            losses = " → ".join(f"{loss:.2f}" for loss in row["losses"])
+            peak = f"{row['allocator_peak'] / GIB:.2f}" if row["allocator_peak"] else "-"
+            lines.append(f"| {s['model']} | `{s['method']}` (rank {s['rank']}) | {s['option']} | {s['batch_size'] * s['seq_len']} | "
+                         f"{losses} | {row['estimate']['total'] / GIB:.2f} | {peak} | {row['peak_rss'] / GIB:.2f} | "
+                         f"{row['full_rank_estimate'] / GIB:.2f} | {row['seconds'] / s['steps']:.0f} |")
     return "\n".join(lines)
 
 
@@ -168,6 +217,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--readme", default=None, help="render the README's 'What fits' block from the results")
     parser.add_argument("--render", action="store_true", help="run no row: only render --readme from the results")
+    parser.add_argument("--pretrain", type=int, default=0, metavar="STEPS",
+                        help="instead of measured steps: train each chosen row with lowrank pretrain for STEPS steps")
+    parser.add_argument("--lr", type=float, default=5e-4, help="--pretrain: the learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="--pretrain: threads of the run")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -175,10 +228,34 @@ def main() -> None:
         return
     chosen(parser, args)
     path = Path(args.out_dir) / f"{NAME}.json"
-    if not args.render:
+    if args.pretrain and not args.render:
+        pretrain_rows(args, path)
+    elif not args.render:
         run_rows(args, path)
     if args.readme:
         replace_readme_block(args.readme, *BLOCK, render(load(path)))
+
+
+def pretrain_rows(args: argparse.Namespace, path: Path) -> None:
+    """``--pretrain``: each chosen row trained by ``lowrank pretrain``, recorded under ``trained``."""
+    data = load(path)
+    trained = data.setdefault("trained", {})
+    for model in args.models:
+        for method in args.methods:
+            for option in args.options:
+                settings = {**row_settings(model, method, option, args.seq_len, args.batch_size, args.pretrain, "cpu"),
+                            "lr": args.lr, "threads": args.threads}
+                key = f"cpu/{model}/{method}/{option}"
+                if key in trained and trained[key]["settings"] == settings:
+                    continue
+                print(f"{key}: lowrank pretrain, {args.pretrain} steps ...", flush=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    trained[key] = pretrain_row(settings, Path(tmp) / "run")
+                data.update(benchmark=NAME, machine=machine_info())
+                path.write_text(json.dumps(data, indent=2) + "\n")
+                row = trained[key]
+                print(f"  losses {row['losses']}, allocator peak {row['allocator_peak'] / GIB:.2f} GiB, estimate "
+                      f"{row['estimate']['total'] / GIB:.2f} GiB", flush=True)
 
 
 def run_rows(args: argparse.Namespace, path: Path) -> None:
