@@ -36,8 +36,8 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
     One ``torch._foreach_norm`` per device and dtype, accumulated in fp32 (a NaN or inf anywhere
     makes the norm non-finite; an fp16 tensor's squares do not overflow), and only when one is not
-    finite a second pass to find which. No fp32 copy is made: for bf16 weights of a 7B model
-    those would be 10 GiB at the moment a checkpoint is written.
+    finite a second pass to find which. torch casts one tensor at a time for it: fp32 copies of
+    all bf16 weights of a 7B model at once would be 10 GiB at the moment a checkpoint is written.
     """
     items = [(name, t) for name, t in named if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
     if not items:
