@@ -194,27 +194,33 @@ def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def round_to_bf16(value: torch.Tensor, rounding: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``value`` (fp32) as bf16: ``"nearest"`` (round-to-nearest-even) or ``"stochastic"``."""
+def round_to_bf16(value: torch.Tensor, rounding: str, generator: torch.Generator | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` (fp32) as bf16: ``"nearest"`` (round-to-nearest-even) or ``"stochastic"``;
+    ``out``: a bf16 tensor of ``value``'s shape to write into (the parameter's storage)."""
     if rounding == "nearest":
-        return value.to(torch.bfloat16)
+        return value.to(torch.bfloat16) if out is None else out.copy_(value)
     if rounding != "stochastic":
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    return stochastic_round_to_bf16(value, generator)
+    return stochastic_round_to_bf16(value, generator, out)
 
 
-def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Unbiased rounding of an fp32 tensor to bf16 (see the module docstring).
 
     Adding ``u ∈ [0, 2¹⁶)`` to the bit pattern carries into bit 16 with probability equal to the
     discarded fraction, so the result rounds away from zero with that probability; a carry that
     reaches the exponent gives the next binade, as it should. Non-finite entries are rounded to
     nearest (their bit patterns carry no fraction to round). Drawn in chunks of 2²⁴ entries.
+    ``out``: a contiguous bf16 tensor of ``value``'s shape to write into.
     """
     if value.dtype != torch.float32:
         raise TypeError(f"stochastic rounding takes fp32 values, got {value.dtype}")
     flat = value.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.bfloat16, device=value.device)
+    if out is None:
+        out = torch.empty(value.shape, dtype=torch.bfloat16, device=value.device)
+    result, out = out, out.view(-1)
     for start in range(0, flat.numel(), _ROUND_CHUNK):
         piece = flat[start : start + _ROUND_CHUNK]
         noise = torch.randint(0, 1 << 16, piece.shape, dtype=torch.int32, device=piece.device, generator=generator)
@@ -222,7 +228,7 @@ def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | N
         rounded = bits.view(torch.float32)
         rounded = torch.where(torch.isfinite(piece), rounded, piece)
         out[start : start + _ROUND_CHUNK] = rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
-    return out.view(value.shape)
+    return result
 
 
 @torch.no_grad()
@@ -241,7 +247,11 @@ def step_from_bf16(step_param, param: torch.Tensor, rounding: str, generator: to
     grad = param.grad if grad is None else grad
     work = param.detach().float()  # an FSDP2 shard stays a DTensor: the optimizer reads its placement
     step_param(param, grad.float(), value=work)
-    _local(param.detach()).copy_(round_to_bf16(_local(work), rounding, generator))
+    target = _local(param.detach())
+    if target.is_contiguous():
+        round_to_bf16(_local(work), rounding, generator, out=target)
+    else:
+        target.copy_(round_to_bf16(_local(work), rounding, generator))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

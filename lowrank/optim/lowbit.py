@@ -168,39 +168,72 @@ def check_quantizable(numel: int, bits: int) -> None:
         raise ValueError(f"4-bit blocks of {block} entries must divide the size, {numel} is not a multiple of {block}")
 
 
-def quantize_blockwise(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+# Entries per piece of work in quantize / dequantize: the temporaries (scaled values, int32 and
+# int64 code indices, padding) are bounded by this, not by the tensor; pieces are whole blocks, so
+# the result is the same bits as one pass.
+_PIECE_NUMEL = 1 << 22
+
+
+def _pieces(numel: int, bits: int):
+    """``(first block, last block, first entry, end entry)`` of each piece of whole blocks."""
+    block = BLOCK_SIZES[bits]
+    per_piece = max(1, _PIECE_NUMEL // block)
+    blocks = num_blocks(numel, bits)
+    for b0 in range(0, blocks, per_piece):
+        b1 = min(blocks, b0 + per_piece)
+        yield b0, b1, b0 * block, min(numel, b1 * block)
+
+
+def quantize_blockwise(x: torch.Tensor, bits: int, signed: bool,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise quantization of ``x`` (any shape, read flat in fp32): ``(codes, absmax)``.
 
     ``absmax`` (``(num_blocks,)`` fp32) is ``max|x|`` per block of ``BLOCK_SIZES[bits]`` entries;
     ``codes`` (``(codes_numel,)`` uint8) are the indices of the code-book values nearest to
     ``x / absmax`` (a zero block scales by 1 and encodes its zeros), packed two per byte for
-    4 bits. Formula, rounding and sources: module docstring.
+    4 bits. Formula, rounding and sources: module docstring. ``out``: write into these
+    ``(codes, absmax)`` instead of new tensors. Computed a piece of whole blocks at a time
+    (:data:`_PIECE_NUMEL`), so the temporaries do not scale with ``x``.
     """
     check_quantizable(x.numel(), bits)
-    flat = x.reshape(-1).float()
+    flat = x.reshape(-1)
     n, block = flat.numel(), BLOCK_SIZES[bits]
-    blocks = num_blocks(n, bits)
-    padded = torch.nn.functional.pad(flat, (0, blocks * block - n)).view(blocks, block)
-    absmax = padded.abs().amax(dim=1)
-    scaled = (padded / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)).clamp_(-1.0, 1.0)
-    # Index of the nearest value: the number of midpoints at or below the input (ties upward).
+    if out is None:
+        out = (torch.empty(codes_numel(n, bits), dtype=torch.uint8, device=flat.device),
+               torch.empty(num_blocks(n, bits), dtype=torch.float32, device=flat.device))
+    codes, absmax = out
     midpoints = _midpoints(bits, signed, flat.device)
-    codes = torch.bucketize(scaled.view(-1)[:n], midpoints, right=True, out_int32=True).to(torch.uint8)
-    if bits == 4:
-        codes = (codes[0::2] << 4) | codes[1::2]
+    for b0, b1, e0, e1 in _pieces(n, bits):
+        piece = flat[e0:e1].float()
+        padded = torch.nn.functional.pad(piece, (0, (b1 - b0) * block - (e1 - e0))).view(b1 - b0, block)
+        scale = padded.abs().amax(dim=1)
+        absmax[b0:b1] = scale
+        scaled = (padded / torch.where(scale > 0, scale, 1.0).unsqueeze(1)).clamp_(-1.0, 1.0)
+        # Index of the nearest value: the number of midpoints at or below the input (ties upward).
+        piece_codes = torch.bucketize(scaled.view(-1)[: e1 - e0], midpoints, right=True, out_int32=True).to(torch.uint8)
+        if bits == 4:  # whole blocks of an even size: e0, e1 even
+            codes[e0 // 2 : e1 // 2] = (piece_codes[0::2] << 4) | piece_codes[1::2]
+        else:
+            codes[e0:e1] = piece_codes
     return codes, absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool, numel: int) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: the flat fp32 tensor ``q[c_i] · absmax_b`` of ``numel``
-    entries (unpacking 4-bit codes high nibble first). All-zero codes and absmax give zeros."""
-    if bits == 4:
-        codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1).view(-1)
-    values = code_book(bits, signed, codes.device)[codes.long()]
+    entries (unpacking 4-bit codes high nibble first). All-zero codes and absmax give zeros.
+    Decoded a piece of whole blocks at a time, into one new fp32 tensor."""
+    book = code_book(bits, signed, codes.device)
     block = BLOCK_SIZES[bits]
-    blocks = absmax.numel()
-    padded = torch.nn.functional.pad(values, (0, blocks * block - numel)).view(blocks, block)
-    return padded.mul_(absmax.unsqueeze(1)).view(-1)[:numel]
+    values = torch.empty(numel, dtype=torch.float32, device=codes.device)
+    for b0, b1, e0, e1 in _pieces(numel, bits):
+        if bits == 4:
+            packed = codes[e0 // 2 : e1 // 2]
+            piece_codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).view(-1)
+        else:
+            piece_codes = codes[e0:e1]
+        piece = torch.nn.functional.pad(book[piece_codes.long()], (0, (b1 - b0) * block - (e1 - e0))).view(b1 - b0, block)
+        values[e0:e1] = piece.mul_(absmax[b0:b1].unsqueeze(1)).view(-1)[: e1 - e0]
+    return values
 
 
 def decode_state(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: bool,
@@ -215,6 +248,4 @@ def decode_state(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: b
 
 def encode_state_(codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor, bits: int, signed: bool) -> None:
     """Requantize the fp32 ``value`` into the stored ``codes`` and ``absmax``, in place."""
-    new_codes, new_absmax = quantize_blockwise(value, bits, signed)
-    codes.copy_(new_codes)
-    absmax.copy_(new_absmax)
+    quantize_blockwise(value, bits, signed, out=(codes, absmax))
