@@ -528,3 +528,26 @@ def test_four_bits_on_a_size_the_block_does_not_divide_is_a_one_line_value_error
     group = ProjectedAdamW([p], lr=1e-3, state_bits=8, **options).param_groups[0]
     with pytest.raises(ValueError, match=r"^state_bits=4 cannot store"):
         state_layout(shape, torch.float32, {**group, "state_bits": 4})
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_state_codecs_work_in_pieces(bits, monkeypatch):
+    """Encoding in place allocates no temporaries that grow with the tensor (the int32/int64 code
+    indices, scaled values and padding are per piece of whole blocks), and decoding only its fp32
+    output: for a 131M-entry embedding the one-pass codec held ~1 GiB of int64 indices per moment.
+    The pieces change no bit."""
+    from lowrank.accounting import profiled_allocation_rises
+    from lowrank.optim import lowbit
+
+    numel = 1 << 20
+    value = torch.randn(numel)
+    whole = lowbit.quantize_blockwise(value, bits, signed=True)
+    monkeypatch.setattr(lowbit, "_PIECE_NUMEL", 1 << 14)
+    codes, absmax = torch.empty_like(whole[0]), torch.empty_like(whole[1])
+    _, rises = profiled_allocation_rises(lambda: lowbit.encode_state_(codes, absmax, value, bits, signed=True))
+    assert max(rises) < numel // 2  # one piece's temporaries (~14 bytes per entry of it), not ~13 bytes per entry
+    assert torch.equal(codes, whole[0]) and torch.equal(absmax, whole[1])
+    decoded, rises = profiled_allocation_rises(lambda: lowbit.decode_state(codes, absmax, bits, True, (numel,)))
+    assert max(rises) < 4 * numel + numel // 2  # the output, plus one piece
+    monkeypatch.setattr(lowbit, "_PIECE_NUMEL", 1 << 22)
+    assert torch.equal(decoded, lowbit.decode_state(codes, absmax, bits, True, (numel,)))
