@@ -168,7 +168,7 @@ def render(data: dict) -> str:
                   "(every page it ever touched, freed ones the C allocator kept included), beside the estimate and "
                   "full-rank AdamW's estimate for the same shape and options.", "",
                   "| model | method | options | tokens / step | steps: train loss | estimate GiB | allocator peak GiB | "
-                  "peak RSS GiB | full-rank estimate GiB | s / step |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "peak RSS GiB | full-rank estimate GiB | wall s per step (build, eval, save included) |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
         for row in trained.values():
             s = row["settings"]
             losses = " → ".join(f"{loss:.2f}" for loss in row["losses"])
