@@ -134,10 +134,11 @@ class LayerwiseStep:
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         index = self.index[id(p)]
-        square = local(grad).float().square().sum()
-        if self.sum_over_ranks is not None:
-            square = self.sum_over_ranks(square)
-        square = float(square)
+        norm = torch.linalg.vector_norm(local(grad), dtype=torch.float32)  # a reduction: no squared copy
+        if self.sum_over_ranks is None:
+            square = float(norm) ** 2
+        else:
+            square = float(self.sum_over_ranks(norm.square()))
         self.squares[index] = square
         if not math.isfinite(square):
             self.skipped.append(index)
