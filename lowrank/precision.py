@@ -33,7 +33,8 @@ from .errors import UsageError
 from .seeding import STREAM_BF16_ROUNDING, device_generator
 
 __all__ = ["PARAM_DTYPES", "ROUNDINGS", "PRECISIONS", "param_dtype", "compute_dtype", "store_parameters", "compute_in",
-           "linear", "embedding", "round_to_bf16", "stochastic_round_to_bf16", "step_from_bf16", "step_bf16"]
+           "linear", "embedding", "round_to_bf16", "stochastic_round_to_bf16", "step_from_bf16", "step_bf16",
+           "rounding_generator"]
 
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """``--param-dtype``: how parameters and their gradients are stored."""
@@ -259,19 +260,31 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def rounding_generator(param: torch.Tensor, rounding: str, *, seed: int, step: int, index: int) -> torch.Generator | None:
+    """The generator of parameter ``index``'s stochastic-rounding draws at run step ``step``
+    (``None`` for round-to-nearest): seeded from ``(seed, STREAM_BF16_ROUNDING, step, index)`` —
+    the same on every DDP rank and after a resume — and, for an FSDP2 shard, its rank, so the
+    shards of one parameter do not repeat each other's noise."""
+    if rounding != "stochastic":
+        return None
+    keys = (seed, STREAM_BF16_ROUNDING, step, index)
+    placements = getattr(param, "placements", None)
+    if placements is not None:  # a DTensor: its shard's coordinate on the mesh
+        keys += (param.device_mesh.get_rank(),)
+    return device_generator(_local(param).device, *keys)
+
+
 def step_bf16(optimizer: torch.optim.Optimizer, rounding: str, *, seed: int, step: int) -> None:
     """``optimizer.step()`` for bf16 parameters: :func:`step_from_bf16` on every parameter with a
     gradient, in parameter-group order, through the optimizer's per-parameter ``step_param``.
 
-    The rounding noise of parameter ``i`` at run step ``step`` is drawn from
-    ``(seed, STREAM_BF16_ROUNDING, step, i)``: the same on every DDP rank, and the same after a
-    resume, so ranks stay identical and a resumed run is bit-identical.
+    The rounding noise of parameter ``i`` at run step ``step`` comes from
+    :func:`rounding_generator`, so ranks stay identical and a resumed run is bit-identical.
     """
     index = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is not None:
-                generator = (device_generator(param.device, seed, STREAM_BF16_ROUNDING, step, index)
-                             if rounding == "stochastic" else None)
+                generator = rounding_generator(param, rounding, seed=seed, step=step, index=index)
                 step_from_bf16(optimizer.step_param, param, rounding, generator)
             index += 1

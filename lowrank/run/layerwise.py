@@ -47,8 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..optim.shard import local
-from ..precision import step_from_bf16
-from ..seeding import STREAM_BF16_ROUNDING, device_generator
+from ..precision import rounding_generator, step_from_bf16
 
 __all__ = ["LayerwiseStep", "CLIP_EPS"]
 
@@ -148,8 +147,7 @@ class LayerwiseStep:
         if self.storage == torch.float32:
             self.optimizer.step_param(p, grad)
             return
-        generator = (device_generator(p.device, self.seed, STREAM_BF16_ROUNDING, self.step, index)
-                     if self.rounding == "stochastic" else None)
+        generator = rounding_generator(p, self.rounding, seed=self.seed, step=self.step, index=index)
         step_from_bf16(self.optimizer.step_param, p, self.rounding, generator, grad=grad)
 
     def finish(self) -> float:
