@@ -107,6 +107,8 @@ LAYERWISE_RUNS = {
                         "--set", "training.grad_clip=0"],
     "fsdp2_bf16": ["--method", "low_rank", "--rank", str(RANK), "--param-dtype", "bf16", "--set", "training.grad_clip=0",
                    "--strategy", "fsdp2"],
+    # the step after a --comm hook of PyTorch's (bf16-compressed all-reduce), wrapped
+    "ddp_comm_bf16": ["--method", "low_rank", "--rank", str(RANK), "--comm", "bf16", "--set", "training.grad_clip=0"],
 }
 
 
