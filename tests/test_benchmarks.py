@@ -231,3 +231,21 @@ def test_gpu_quick_script_dry_run(corpus):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dry run complete" in result.stdout
     assert SUITES["gpu-60m-quick"].model == "llama_60m" and SUITES["gpu-60m-quick"].precision == "bf16-mixed"
+
+
+def test_bench_fit_trains_a_row_with_lowrank_pretrain(tmp_path):
+    """``bench_fit.py --pretrain``: a real ``lowrank pretrain`` run per row (here the tiny model),
+    recorded with its per-step losses, the allocator's peak of its second step and the estimate
+    for the same options, and rendered in the README block."""
+    import bench_fit
+
+    settings = {"model": "tiny", "method": "lowrank_sparse_8bit", "option": "bf16+ckpt+layerwise", "rank": 8,
+                **bench_fit.OPTIONS["bf16+ckpt+layerwise"]._asdict(), "seq_len": 32, "batch_size": 1, "steps": 3,
+                "device": "cpu", "lr": 5e-4, "threads": 1}
+    row = bench_fit.pretrain_row(settings, tmp_path / "run")
+    assert len(row["losses"]) == 3 and all(map(lambda x: x == x, row["losses"]))
+    assert row["allocator_peak"] > row["estimate"]["weights"] + row["estimate"]["optimizer_state"] > 0
+    assert row["estimate"]["layerwise"] and row["estimate"]["checkpointing"] and row["estimate"]["weight_dtype"] == "bfloat16"
+    assert row["full_rank_estimate"] > row["estimate"]["total"]
+    block = bench_fit.render({"rows": {}, "trained": {"cpu/tiny": row}, "machine": {"cpu": "test"}})
+    assert "| tiny | `lowrank_sparse_8bit` (rank 8) | bf16+ckpt+layerwise | 32 |" in block
