@@ -3,7 +3,6 @@ parameters and gradients, resumes bit-identically (the rounding draws are seeded
 stochastic rounding keeps the updates that round-to-nearest loses, and the run exports bf16
 safetensors that plain transformers loads."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,9 @@ from safetensors.torch import load_file
 
 from lowrank.errors import UsageError
 from lowrank.methods import load_method
-from lowrank.train import TrainConfig, pretrain
+from lowrank.train import pretrain
+from test_train import config as train_config
+from test_train import losses
 
 # One preset per optimizer mode: plain AdamW (torch's, run as ProjectedAdamW), low-rank factors,
 # sparse momentum, GaLore projection, the Fira residual, APOLLO, SPAM's spike clipping, Stable-SPAM,
@@ -23,15 +24,8 @@ SHORT_CYCLES = {"restarts.cycle_length": 4, "restarts.rewarmup_steps": 1}
 
 
 def config(corpus, tmp_path, **kwargs):
-    options = dict(method="low_rank", model="tiny", data=corpus["data"], tokenizer=corpus["tokenizer"], rank=8,
-                   batch_size=4, seq_len=32, max_steps=12, eval_every=0, eval_tokens=2048, out=str(tmp_path / "run"),
-                   progress=False, plot=False, param_dtype="bf16")
-    options.update(kwargs)
-    return TrainConfig(**options)
-
-
-def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    """test_train's tiny run with bf16 storage."""
+    return train_config(corpus, tmp_path, **{"param_dtype": "bf16", **kwargs})
 
 
 def final_weights(summary):

@@ -14,20 +14,21 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from test_optim_reference import CASES
+from test_train import config as train_config
+from test_train import losses
 
 from lowrank.errors import UsageError
 from lowrank.optim import Muon, ProjectedAdamW
 from lowrank.precision import compute_in, store_parameters
 from lowrank.run.layerwise import CLIP_EPS, LayerwiseStep
 from lowrank.run.step import optimizer_step
-from lowrank.train import TrainConfig, pretrain
+from lowrank.train import pretrain
 
 STEPS = 4
 SEED = 7
@@ -230,15 +231,9 @@ def test_a_nonfinite_gradient_never_reaches_its_parameter():
 
 
 def config(corpus, tmp_path, **kwargs):
-    options = dict(method="low_rank_restarts", model="tiny", data=corpus["data"], tokenizer=corpus["tokenizer"], rank=8,
-                   batch_size=2, seq_len=32, max_steps=7, eval_every=0, eval_tokens=1024, out=str(tmp_path / "run"),
-                   progress=False, plot=False)
-    options.update(kwargs)
-    return TrainConfig(**options)
-
-
-def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    """test_train's tiny run, with restarts, 7 steps of 2 sequences."""
+    return train_config(corpus, tmp_path, **{"method": "low_rank_restarts", "batch_size": 2, "max_steps": 7,
+                                             "eval_tokens": 1024, **kwargs})
 
 
 RESTARTS = {"restarts.cycle_length": 3, "restarts.rewarmup_steps": 1, "training.grad_clip": 0}
