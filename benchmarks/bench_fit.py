@@ -109,7 +109,11 @@ def measure_row(settings: dict) -> dict:
 def pretrain_row(settings: dict, out: Path) -> dict:
     """A run of ``lowrank pretrain`` itself (``--pretrain``): its losses, the allocator's peak of its
     second step and its peak RSS, beside the estimate for the same options and full-rank AdamW's."""
+    import torch
+
+    from lowrank.dtypes import parse_dtype
     from lowrank.memory import estimate
+    from lowrank.precision import compute_dtype
 
     flags = {"bfloat16": ["--param-dtype", "bf16"], "float32": ["--param-dtype", "fp32"]}[settings["weight_dtype"]]
     flags += ["--activation-checkpointing"] * settings["checkpointing"] + ["--layerwise-step"] * settings["layerwise"]
@@ -128,8 +132,9 @@ def pretrain_row(settings: dict, out: Path) -> dict:
     options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
                    batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
                    layerwise=settings["layerwise"])
-    mine = estimate(settings["model"], settings["method"], compute_dtype="float32", **options)  # fp32 compute on a CPU
-    full = estimate(settings["model"], "full_rank", compute_dtype="float32", **options)
+    compute, _ = compute_dtype(torch.device("cpu"), parse_dtype(settings["weight_dtype"], "weight_dtype"), "auto")
+    mine = estimate(settings["model"], settings["method"], compute_dtype=compute, **options)
+    full = estimate(settings["model"], "full_rank", compute_dtype=compute, **options)
     return {"settings": settings, "seconds": time.perf_counter() - started,
             "losses": [r["loss"] for r in records if "loss" in r], "val_loss": summary["val_loss"],
             "allocator_peak": summary["allocator_peak_bytes"], "peak_rss": summary["peak_memory_bytes"],

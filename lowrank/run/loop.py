@@ -128,6 +128,7 @@ class Trainer:
         # the dtype the layers compute in from their stored weights (autocast casts inside the ops instead)
         self.compute_dtype = self.param_dtype if autocast else dtype
         self.strategy = make_strategy(cfg.strategy, self.dist, self.device, comm=cfg.comm, precision=self.precision)
+        self._check_per_parameter_step()
         self._check_storage()
         self._check_layerwise()
         if self.strategy.sharded and self.method.warm_start_steps:
@@ -144,15 +145,20 @@ class Trainer:
         self.compress_from = cfg.freeze_step or max(1, warmup)
         self._check_method_fits()
 
+    def _check_per_parameter_step(self) -> None:
+        """bf16 storage and the step inside backward step each parameter through the optimizer's
+        ``step_param``: an ``optimizer_factory``'s optimizer has none."""
+        needs = [flag for flag, on in (("--param-dtype bf16", self.param_dtype != torch.float32),
+                                       ("--layerwise-step", self.layerwise_step)) if on]
+        if needs and self.cfg.optimizer_factory is not None:
+            raise UsageError(f"{' and '.join(needs)} step each parameter through lowrank's optimizers (ProjectedAdamW, Muon); "
+                             f"an optimizer_factory's optimizer has no per-parameter step: drop {' and '.join(needs)} with it")
+
     def _check_storage(self) -> None:
-        """bf16 storage steps each parameter in fp32 through the optimizer's per-parameter step:
-        refuse, in one line, what cannot do that yet."""
+        """bf16 storage steps each parameter in fp32: refuse, in one line, what cannot do that yet."""
         if self.param_dtype == torch.float32:
             return
         cfg = self.cfg
-        if cfg.optimizer_factory is not None:
-            raise UsageError("--param-dtype bf16 steps each parameter through lowrank's optimizers (ProjectedAdamW, Muon); "
-                             "an optimizer_factory's optimizer has no per-parameter step: use param_dtype='fp32' with it")
         if cfg.comm == "onebit":
             raise UsageError("--param-dtype bf16 with --comm onebit: 1-bit Adam updates all parameters at once from "
                              "compressed momenta; use --param-dtype fp32 with it, or another --comm")
@@ -162,9 +168,6 @@ class Trainer:
         if not self.layerwise_step:
             return
         cfg = self.cfg
-        if cfg.optimizer_factory is not None:
-            raise UsageError("--layerwise-step steps each parameter through lowrank's optimizers (ProjectedAdamW, Muon); "
-                             "an optimizer_factory's optimizer has no per-parameter step: drop layerwise_step with it")
         if cfg.comm in ("onebit", "projected"):
             raise UsageError(f"--layerwise-step with --comm {cfg.comm}: that communication steps the optimizer itself once "
                              "the whole gradient is reduced; use --comm none, bf16, fp16 or powersgd with --layerwise-step")
@@ -333,14 +336,13 @@ class Trainer:
         if self.layerwise is not None:
             # Every parameter has stepped in backward (a non-finite one was left alone and makes the norm NaN).
             grad_norm = self.layerwise.finish()
-            self.skipped = self.health.should_skip(grad_norm)
         else:
             grad_clip = self.method.training.grad_clip
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             grad_norm = self.strategy.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else float("inf")))
-            # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
-            self.skipped = self.health.should_skip(grad_norm)
-        if not self.skipped and self.layerwise is None:
+        # The norm is the same on every rank (after DDP's all-reduce): they all skip, or none.
+        self.skipped = self.health.should_skip(grad_norm)
+        if self.layerwise is None and not self.skipped:
             optimizer_step(self.optimizer, storage=self.param_dtype, rounding=self.method.training.bf16_rounding,
                            seed=self.cfg.seed, step=self.step)
         self.optimizer.zero_grad(set_to_none=True)
