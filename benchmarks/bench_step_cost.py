@@ -1,7 +1,7 @@
 """What the memory options cost in speed: tokens/s of bf16 storage, activation checkpointing and
 the optimizer step inside backward against the plain fp32 step, on ``cpu-long``'s model.
 
-    python benchmarks/bench_step_cost.py --data ../shared/data/pydocs [--steps 25] [--rounds 3] [--readme README.md]
+    python benchmarks/bench_step_cost.py --data ../shared/data/pydocs [--steps 25] [--rounds 3] [--cache-dir DIR] [--readme README.md]
 
 Each (method, option set) is a short ``lowrank pretrain`` run in a fresh process (one thread, the
 suite's shape, batch and rank); its tokens/s is the trainer's own summary figure (the median step
@@ -63,25 +63,27 @@ def run(cmd: list[str]) -> dict:
     return json.loads(Path(cmd[cmd.index("--json-out") + 1]).read_text())
 
 
-def measure(data: str, steps: int, rounds: int) -> dict:
+def measure(data: str, steps: int, rounds: int, cache: str | None = None) -> dict:
     data = str(Path(data).resolve())
     seen: dict[str, dict[str, list[float]]] = {m: {o: [] for o in OPTIONS} for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run(command("low_rank_restarts", BASELINE, 2, data, tmp / "warm", tmp / "cache"))  # tokenizer and caches
+        cache = Path(cache) if cache else tmp / "cache"
+        run(command("low_rank_restarts", BASELINE, 2, data, tmp / "warm", cache))  # tokenizer and caches
         for round_ in range(rounds):
             for method in METHODS:
                 for option in OPTIONS:
-                    summary = run(command(method, option, steps, data, tmp / f"{method}-{option}", tmp / "cache"))
+                    summary = run(command(method, option, steps, data, tmp / f"{method}-{option}", cache))
                     seen[method][option].append(summary["tokens_per_s"])
                     print(f"round {round_ + 1}: {method} {option}: {summary['tokens_per_s']:.0f} tokens/s", flush=True)
     rows = []
     for method, options in seen.items():
-        base = statistics.median(options[BASELINE])
         for option, values in options.items():
-            median = statistics.median(values)
-            rows.append({"method": method, "option": option, "tokens_per_s": median, "per_round": values,
-                         "relative": median / base})
+            # Paired within a round (the baseline ran minutes earlier, under the same load), then the
+            # median over rounds: a drift in the machine's speed cancels in each ratio.
+            ratios = [value / base for value, base in zip(values, options[BASELINE])]
+            rows.append({"method": method, "option": option, "tokens_per_s": statistics.median(values),
+                         "per_round": values, "relative": statistics.median(ratios), "relative_per_round": ratios})
     return {"suite": SUITE, "steps": steps, "rounds": rounds, "machine": machine_info(), "rows": rows}
 
 
@@ -89,7 +91,8 @@ def render(data: dict) -> str:
     suite = SUITES[data["suite"]]
     lines = [f"Tokens/s on `{data['suite']}`'s model ({suite.model}, batch {suite.batch_size} × {suite.seq_len}, one thread, "
              f"{data['machine'].get('cpu', 'CPU')}): median over {data['rounds']} interleaved rounds of {data['steps']}-step "
-             "runs (each run's median step); relative to fp32 of the same method.", "",
+             "runs (each run's median step); relative: the median over rounds of the ratio to fp32 of the same method "
+             "in the same round.", "",
              "| method | " + " | ".join(OPTIONS) + " |", "|---|" + "---:|" * len(OPTIONS)]
     for method in METHODS:
         cells = []
@@ -106,9 +109,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--readme", default=None)
+    parser.add_argument("--cache-dir", default=None,
+                        help="the tokenizer and token cache to reuse (e.g. a cpu-long run folder's cache); default: a fresh one")
     args = parser.parse_args()
     if args.data:
-        path = write_result(NAME, measure(args.data, args.steps, args.rounds))
+        path = write_result(NAME, measure(args.data, args.steps, args.rounds, args.cache_dir))
         print(f"wrote {path}")
     if args.readme:
         data = json.loads((RESULTS / f"{NAME}.json").read_text())
