@@ -142,6 +142,11 @@ def grid_table(combined: dict) -> list[str]:
     return lines
 
 
+def _at_lr(base: dict, lr: float) -> dict | None:
+    """``base``'s sweep run at ``lr`` (finished), if it made one."""
+    return next((t for t in base.get("sweep", []) if round(t["lr"], 12) == round(lr, 12) and t.get("val_ppl") is not None), None)
+
+
 def low_bit_pairs(combined: dict) -> list[str]:
     """The cost of 8-bit moments: each ``X-8bit`` / ``X_8bit`` contender against ``X`` at the same
     lr (``X``'s sweep run at the 8-bit run's lr), and ``X``'s best when that lies elsewhere."""
@@ -152,8 +157,7 @@ def low_bit_pairs(combined: dict) -> list[str]:
             if not (name.endswith(suffix) and name[: -len(suffix)] in results):
                 continue
             base = results[name[: -len(suffix)]]
-            same = next((t for t in base.get("sweep", []) if round(t["lr"], 12) == round(r["lr"], 12)
-                         and t.get("val_ppl") is not None), None)
+            same = _at_lr(base, r["lr"])
             reference = same["val_ppl"] if same else ppl(base)
             line = (f"- `{name}` vs `{base['contender']}` at lr {r['lr']:g}: val ppl {ppl(r):.2f} vs {reference:.2f} "
                     f"({(ppl(r) / reference - 1) * 100:+.1f} %), optimizer state {_mib(r['optimizer_state_bytes'])} vs "
@@ -164,6 +168,24 @@ def low_bit_pairs(combined: dict) -> list[str]:
                 line += f"; `{base['contender']}` at its best lr, {base['lr']:g}: {ppl(base):.2f}"
             lines.append(line + ".")
     return ["The cost of 8-bit moments (same preset):", *sorted(lines)] if lines else []
+
+
+def bf16_pairs(combined: dict) -> list[str]:
+    """bf16 storage against fp32: each ``X-bf16`` (stochastic rounding) and ``X-bf16-nearest``
+    contender against the fp32 run of the same preset at the same lr (``X``, or ``X-fp32``)."""
+    results = completed(combined)
+    lines = []
+    for name, r in results.items():
+        stem, rounding = (name[: -len("-bf16-nearest")], "nearest") if name.endswith("-bf16-nearest") else \
+            (name[: -len("-bf16")], "stochastic") if name.endswith("-bf16") else (None, None)
+        base = results.get(f"{stem}-fp32") or results.get(stem) if stem else None
+        same = _at_lr(base, r["lr"]) if base else None
+        if same is None:
+            continue
+        lines.append(f"- `{name}` ({rounding} rounding) vs `{base['contender']}` (fp32) at lr {r['lr']:g}: val ppl "
+                     f"{ppl(r):.2f} vs {same['val_ppl']:.2f} ({(ppl(r) / same['val_ppl'] - 1) * 100:+.1f} %).")
+    return ["bf16 storage against fp32 (same preset, same lr; speed: the step-cost table, measured quietly):",
+            *sorted(lines)] if lines else []
 
 
 def ablation_table(combined: dict) -> list[str]:
@@ -347,7 +369,7 @@ def plot(combined: dict, docs: Path) -> list[Path]:
 def render_block(combined: dict, plots: list[Path]) -> str:
     """The README block of a suite: settings, table, sweeps, ablation, targets, evidence, plots."""
     grid = grid_table(combined)
-    sections = [[settings_line(combined)], [table(combined)], grid or sweep_lines(combined), low_bit_pairs(combined),
+    sections = [[settings_line(combined)], [table(combined)], grid or sweep_lines(combined), low_bit_pairs(combined), bf16_pairs(combined),
                 ablation_table(combined), targets(combined), evidence(combined),
                 [f"![validation perplexity against tokens]({plots[0]})", f"![memory against perplexity]({plots[1]})"]]
     return "\n\n".join("\n".join(section) for section in sections if section)
