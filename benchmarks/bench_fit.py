@@ -3,6 +3,7 @@
     python benchmarks/bench_fit.py [--models llama_350m,llama_1b] [--seq-len 256] [--readme README.md]
     python benchmarks/bench_fit.py --models llama_7b --methods lowrank_sparse_8bit --options bf16+ckpt+layerwise
     python benchmarks/bench_fit.py --render --readme README.md      # only re-render the README block
+    python benchmarks/bench_fit.py --re-estimate --readme README.md # the recorded rows' estimates from today's estimator
 
 For each model, method and option set (fp32; bf16 storage; bf16 storage + activation
 checkpointing; the same with the optimizer step inside backward) one fresh process builds the
@@ -79,42 +80,49 @@ def measure_row(settings: dict) -> dict:
     """One row, in this process (the parent runs each row in a fresh one)."""
     import torch
 
-    from lowrank.dtypes import parse_dtype
-    from lowrank.memory import estimate
     from lowrank.memory.measure import measure_method
-    from lowrank.precision import compute_dtype
 
     torch.set_num_threads(1)
     device = torch.device(settings["device"])
     options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
                    batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
                    layerwise=settings["layerwise"])
-    # The estimate for the measuring device's compute dtype (fp32 from bf16 storage on a CPU), and a GPU's (bf16).
-    compute, _ = compute_dtype(device, parse_dtype(settings["weight_dtype"], "weight_dtype"), "auto")
-    cpu = estimate(settings["model"], settings["method"], compute_dtype=compute, **options)
-    gpu = estimate(settings["model"], settings["method"], **options)
     measured = measure_method(settings["model"], settings["method"], steps=settings["steps"], device=device, **options)
     return {
         "settings": settings,
-        "estimate_cpu": {k: getattr(cpu, k) for k in ("weights", "gradients", "optimizer_state", "optimizer_extra",
-                                                     "activations", "total")} | {"saved": cpu.activation_detail["saved"]},
-        "estimate_gpu": {k: getattr(gpu, k) for k in ("weights", "gradients", "optimizer_state", "optimizer_extra",
-                                                     "activations", "total")},
+        **estimates(settings),
         "measured": {k: getattr(measured, k) for k in ("weights", "gradients", "optimizer_state", "optimizer_extra",
                                                       "activations", "peak", "peak_optimizer_step", "peak_forward_backward",
                                                       "peak_rss", "seconds_per_step")},
     }
 
 
-def pretrain_row(settings: dict, out: Path) -> dict:
-    """A run of ``lowrank pretrain`` itself (``--pretrain``): its losses, the allocator's peak of its
-    second step and its peak RSS, beside the estimate for the same options and full-rank AdamW's."""
+ESTIMATED = ("weights", "gradients", "optimizer_state", "optimizer_extra", "activations", "step_working_set", "total")
+
+
+def estimates(settings: dict) -> dict:
+    """A row's estimates, on the meta device (no step): for the measuring device's compute dtype
+    (fp32 from bf16 storage on a CPU) and for a GPU's (bf16, ``torch._foreach_*`` batching)."""
     import torch
 
     from lowrank.dtypes import parse_dtype
     from lowrank.memory import estimate
     from lowrank.precision import compute_dtype
 
+    options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
+                   batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
+                   layerwise=settings["layerwise"])
+    device = torch.device(settings["device"])
+    compute, _ = compute_dtype(device, parse_dtype(settings["weight_dtype"], "weight_dtype"), "auto")
+    here = estimate(settings["model"], settings["method"], compute_dtype=compute, device=device, **options)
+    gpu = estimate(settings["model"], settings["method"], device="cuda", **options)
+    return {"estimate_cpu": {k: getattr(here, k) for k in ESTIMATED} | {"saved": here.activation_detail["saved"]},
+            "estimate_gpu": {k: getattr(gpu, k) for k in ESTIMATED}}
+
+
+def pretrain_row(settings: dict, out: Path) -> dict:
+    """A run of ``lowrank pretrain`` itself (``--pretrain``): its losses, the allocator's peak of its
+    second step and its peak RSS, beside the estimate for the same options and full-rank AdamW's."""
     flags = {"bfloat16": ["--param-dtype", "bf16"], "float32": ["--param-dtype", "fp32"]}[settings["weight_dtype"]]
     flags += ["--activation-checkpointing"] * settings["checkpointing"] + ["--layerwise-step"] * settings["layerwise"]
     command = [sys.executable, "-m", "lowrank", "pretrain", "--method", settings["method"], "--model", settings["model"],
@@ -129,16 +137,28 @@ def pretrain_row(settings: dict, out: Path) -> dict:
         raise SystemExit(done.stderr[-3000:])
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    mine, full = pretrain_estimates(settings)
+    return {"settings": settings, "seconds": time.perf_counter() - started,
+            "losses": [r["loss"] for r in records if "loss" in r], "val_loss": summary["val_loss"],
+            "allocator_peak": summary["allocator_peak_bytes"], "peak_rss": summary["peak_memory_bytes"],
+            "tokens_per_s": summary["tokens_per_s"], "estimate": mine, "full_rank_estimate": full}
+
+
+def pretrain_estimates(settings: dict) -> tuple[dict, int]:
+    """A ``--pretrain`` row's estimate (as a dict) on this CPU, and full-rank AdamW's total for the same options."""
+    import torch
+
+    from lowrank.dtypes import parse_dtype
+    from lowrank.memory import estimate
+    from lowrank.precision import compute_dtype
+
     options = dict(rank=settings["rank"], weight_dtype=settings["weight_dtype"], state_dtype="float32",
                    batch_size=settings["batch_size"], seq_len=settings["seq_len"], checkpointing=settings["checkpointing"],
                    layerwise=settings["layerwise"])
     compute, _ = compute_dtype(torch.device("cpu"), parse_dtype(settings["weight_dtype"], "weight_dtype"), "auto")
     mine = estimate(settings["model"], settings["method"], compute_dtype=compute, **options)
     full = estimate(settings["model"], "full_rank", compute_dtype=compute, **options)
-    return {"settings": settings, "seconds": time.perf_counter() - started,
-            "losses": [r["loss"] for r in records if "loss" in r], "val_loss": summary["val_loss"],
-            "allocator_peak": summary["allocator_peak_bytes"], "peak_rss": summary["peak_memory_bytes"],
-            "tokens_per_s": summary["tokens_per_s"], "estimate": mine.to_dict(), "full_rank_estimate": full.total}
+    return mine.to_dict(), full.total
 
 
 def load(path: Path) -> dict:
@@ -157,15 +177,18 @@ def render(data: dict) -> str:
         "`benchmarks/results/fit.json` (`python benchmarks/bench_fit.py`). *Options*: parameter storage (`fp32`, `bf16`), "
         "`+ckpt` activation checkpointing, `+layerwise` the optimizer step inside backward (`--layerwise-step`: one "
         "gradient alive at a time, so *gradients* is the largest parameter's). *Estimate*: `lowrank memory` for this "
-        "CPU's compute dtype (fp32 activations from bf16 storage); *measured peak*: the torch profiler's peak of CPU "
+        "CPU's compute dtype (fp32 activations from bf16 storage): weights + gradients + optimizer state + the larger "
+        "of the activations and the *step's working set* (the optimizer step's own temporaries at their largest, "
+        "`lowrank.optim.working_set`); *measured peak*: the torch profiler's peak of CPU "
         "allocations during the last step (the analogue of CUDA's `max_memory_allocated`); *GPU estimate*: the same "
         "run computing in bf16.",
         "",
-        "| device | model | method | options | gradients GiB | estimate GiB | measured peak GiB | difference | "
-        "weights+grads+state measured = estimated | GPU estimate GiB |",
-        "|---|---|---|---|---:|---:|---:|---:|:---:|---:|",
+        "| device | model | method | options | gradients GiB | step working set GiB | estimate GiB | measured peak GiB | "
+        "difference | weights+grads+state measured = estimated | GPU estimate GiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     lines += [render_row(row) for row in rows.values()]
+    lines += ["", *render_smallest(data)]
     trained = data.get("trained", {})
     if trained:
         lines += ["", "Trained end to end by `lowrank pretrain` (`--pretrain`; built layer by layer in the storage dtype): "
@@ -184,6 +207,30 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def render_smallest(data: dict) -> list[str]:
+    """Per model and method, the smallest measured peak over the option sets (rows and trained runs)."""
+    best: dict[tuple[str, str], tuple[int, str]] = {}
+    for row in data.get("rows", {}).values():
+        s, peak = row["settings"], row["measured"]["peak"]
+        if peak and peak < best.get((s["model"], s["method"]), (float("inf"), ""))[0]:
+            best[(s["model"], s["method"])] = (peak, s["option"])
+    for row in data.get("trained", {}).values():
+        s, peak = row["settings"], row["allocator_peak"]
+        if peak and peak < best.get((s["model"], s["method"]), (float("inf"), ""))[0]:
+            best[(s["model"], s["method"])] = (peak, f"{s['option']}, {s['batch_size'] * s['seq_len']} tokens, trained")
+    order = list(RANKS)
+    models = sorted({model for model, _ in best}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    methods = [m for m in METHODS if any((model, m) in best for model in models)]
+    methods += sorted({method for _, method in best} - set(methods))
+    lines = ["The smallest measured peak per model and method, GiB (its options), from the rows above:", "",
+             "| method | " + " | ".join(m + (f" (r={RANKS[m]})" if m in RANKS else "") for m in models) + " |",
+             "|---|" + "---:|" * len(models)]
+    for method in methods:
+        cells = [f"{best[(m, method)][0] / GIB:.2f} ({best[(m, method)][1]})" if (m, method) in best else "-" for m in models]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_row(row: dict) -> str:
     """One table line; ``-`` where the profiler gave no peak."""
     s, e, m = row["settings"], row["estimate_cpu"], row["measured"]
@@ -191,7 +238,8 @@ def render_row(row: dict) -> str:
     peak = m["peak"]
     measured = f"{peak / GIB:.2f} | {(peak - e['total']) / e['total']:+.1%}" if peak else "- | -"
     return (f"| {s['device']} | {s['model']} | `{s['method']}` | {s['option']} | {m['gradients'] / GIB:.2f} | "
-            f"{e['total'] / GIB:.2f} | {measured} | {'yes' if exact else 'no'} | {row['estimate_gpu']['total'] / GIB:.2f} |")
+            f"{e['step_working_set'] / GIB:.2f} | {e['total'] / GIB:.2f} | {measured} | {'yes' if exact else 'no'} | "
+            f"{row['estimate_gpu']['total'] / GIB:.2f} |")
 
 
 def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -222,6 +270,9 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--readme", default=None, help="render the README's 'What fits' block from the results")
     parser.add_argument("--render", action="store_true", help="run no row: only render --readme from the results")
+    parser.add_argument("--re-estimate", action="store_true",
+                        help="run no row: recompute every recorded row's estimates with the current estimator "
+                             "(the measurements stay as recorded)")
     parser.add_argument("--pretrain", type=int, default=0, metavar="STEPS",
                         help="instead of measured steps: train each chosen row with lowrank pretrain for STEPS steps")
     parser.add_argument("--lr", type=float, default=5e-4, help="--pretrain: the learning rate")
@@ -233,12 +284,26 @@ def main() -> None:
         return
     chosen(parser, args)
     path = Path(args.out_dir) / f"{NAME}.json"
-    if args.pretrain and not args.render:
+    if args.re_estimate:
+        re_estimate(path)
+    elif args.pretrain and not args.render:
         pretrain_rows(args, path)
     elif not args.render:
         run_rows(args, path)
     if args.readme:
         replace_readme_block(args.readme, *BLOCK, render(load(path)))
+
+
+def re_estimate(path: Path) -> None:
+    """``--re-estimate``: every recorded row's estimates from the current estimator (meta device,
+    seconds); the measured figures are data and stay."""
+    data = load(path)
+    for row in data.get("rows", {}).values():
+        row.update(estimates(row["settings"]))
+    for row in data.get("trained", {}).values():
+        mine, full = pretrain_estimates(row["settings"])
+        row.update(estimate=mine, full_rank_estimate=full)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def pretrain_rows(args: argparse.Namespace, path: Path) -> None:

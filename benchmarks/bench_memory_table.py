@@ -28,7 +28,7 @@ def run_estimates() -> None:
     for size, rank in MODELS.items():
         model = f"llama_{size}"
         command = [sys.executable, "-m", "lowrank", "memory", "--model", model, "--method", "all", "--rank", str(rank),
-                   "--weight-dtype", "bfloat16", "--state-dtype", "float32", "--batch-size", "1",
+                   "--param-dtype", "bf16", "--state-dtype", "float32", "--batch-size", "1",
                    "--json", str(RESULTS / f"memory_{model}.json"), "--plot", str(ROOT / "docs" / f"memory_{model}.png")]
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 

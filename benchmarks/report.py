@@ -171,14 +171,17 @@ def low_bit_pairs(combined: dict) -> list[str]:
 
 
 def bf16_pairs(combined: dict) -> list[str]:
-    """bf16 storage against fp32: each ``X-bf16`` (stochastic rounding) and ``X-bf16-nearest``
-    contender against the fp32 run of the same preset at the same lr (``X``, or ``X-fp32``)."""
+    """bf16 storage against fp32: each ``X-bf16`` / ``X-bf16-nearest`` contender (``training.param_dtype:
+    bf16`` and its ``bf16_rounding``) against the fp32 run of the same preset at the same lr
+    (``X``, or ``X-fp32``)."""
     results = completed(combined)
     lines = []
     for name, r in results.items():
-        stem, rounding = (name[: -len("-bf16-nearest")], "nearest") if name.endswith("-bf16-nearest") else \
-            (name[: -len("-bf16")], "stochastic") if name.endswith("-bf16") else (None, None)
-        base = results.get(f"{stem}-fp32") or results.get(stem) if stem else None
+        rounding = (r.get("overrides") or {}).get("training.bf16_rounding")
+        if (r.get("overrides") or {}).get("training.param_dtype") != "bf16" or rounding is None:
+            continue  # bf16 autocast over fp32 storage (cpu-int4's adamw-bf16) is another comparison
+        stem = name.removesuffix("-nearest").removesuffix("-bf16")
+        base = results.get(f"{stem}-fp32") or results.get(stem)
         same = _at_lr(base, r["lr"]) if base else None
         if same is None:
             continue

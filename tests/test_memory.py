@@ -274,7 +274,10 @@ def test_cli_json_is_valid_and_stable(capsys, tmp_path):
                                 "seq_len": 32, "checkpointing": False, "layerwise": False}
     assert [e["method"] for e in data["estimates"]] == ["full_rank", "low_rank", "galore", "lowrank_sparse"]
     for entry in data["estimates"]:
-        assert entry["total"] == entry["weights"] + entry["gradients"] + entry["optimizer_state"] + entry["optimizer_extra"] + entry["activations"]
+        held = entry["weights"] + entry["optimizer_state"] + entry["optimizer_extra"]
+        assert entry["model_state"] == held + entry["gradients"]
+        head_gradient = max(0, entry["first_gradient"] - entry["activation_detail"]["log_softmax"])
+        assert entry["total"] == held + max(entry["activations"] + head_gradient, entry["gradients"] + entry["step_working_set"])
         assert entry["rank"] == (None if entry["method"] == "full_rank" else 8)
     assert data["estimates"][0]["ratio_to_full_rank"] == 1.0
     # --json PATH keeps the table on stdout and writes the same document; --plot writes a PNG.
@@ -348,3 +351,25 @@ def test_pretrain_reports_the_allocator_peak_that_measure_reports(tmp_path, laye
     assert 0 <= summary["allocator_peak_bytes"] - measured.peak <= 2 * 32 * 8 + 1024
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["allocator_peak_bytes"] for r in records if "allocator_peak_bytes" in r] == [summary["allocator_peak_bytes"]]
+
+
+def test_pretrain_and_memory_take_the_same_memory_options():
+    """What sets memory is one definition (lowrank.cli.memory_options): the same flags, choices and
+    help in both commands, only the defaults differ; and a value is read the same way in both."""
+    from lowrank.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    shared = ("--rank", "--param-dtype", "--batch-size", "--seq-len", "--activation-checkpointing", "--layerwise-step")
+
+    def options(command):
+        actions = {flag: action for action in commands[command]._actions for flag in action.option_strings}
+        # the help up to its default, which each command states for itself
+        return {flag: (actions[flag].dest, actions[flag].type, actions[flag].metavar, actions[flag].help.split(" (default")[0])
+                for flag in shared if flag != "--seq-len"} | {"--seq-len": actions["--seq-len"].dest}
+
+    assert options("pretrain") == options("memory")
+    for command in ("pretrain", "memory"):
+        args = commands[command].parse_args(["--param-dtype", "bfloat16", "--model", "tiny"])
+        assert args.param_dtype == "bf16"
+    with pytest.raises(SystemExit):
+        commands["memory"].parse_args(["--model", "tiny", "--param-dtype", "float16"])  # the trainer stores fp32 or bf16

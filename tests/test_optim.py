@@ -61,13 +61,13 @@ def test_all_options_off_matches_torch_adamw(foreach):
 
 
 def test_foreach_chunks_bound_temporaries_and_match_torch_adamw(monkeypatch):
-    """The multi-tensor path runs over chunks of at most _FOREACH_CHUNK_NUMEL elements."""
+    """The multi-tensor path runs over chunks of at most FOREACH_CHUNK_NUMEL elements."""
     import lowrank.optim.adamw as adamw_module
 
     shapes = [(6, 9), (9,), (2, 3, 4), (30,)]
     chunks = list(adamw_module._chunks([torch.empty(s) for s in shapes], 60))
     assert [[tuple(t.shape) for t in c] for c in chunks] == [[(6, 9)], [(9,), (2, 3, 4)], [(30,)]]
-    monkeypatch.setattr(adamw_module, "_FOREACH_CHUNK_NUMEL", 60)
+    monkeypatch.setattr(adamw_module, "FOREACH_CHUNK_NUMEL", 60)
     calls = []
     original = torch._foreach_sqrt
     monkeypatch.setattr(torch, "_foreach_sqrt", lambda tensors: calls.append(len(tensors)) or original(tensors))

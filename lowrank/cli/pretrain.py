@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import UsageError
 from ..methods import available_methods
 from ..run import TrainConfig, pretrain
+from .memory_options import add_memory_options
 
 __all__ = ["add_arguments", "run_from_args", "parse_set", "format_summary"]
 
@@ -24,12 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", default=defaults.data, help="'builtin' (Python stdlib docstrings), a .txt/.txt.gz/.jsonl/.parquet file or folder, or a hub dataset 'owner/name[:config]'")
     add("--tokenizer", default=None, help="hub name or local path; default: train a byte-level BPE on the training split")
     add("--vocab-size", type=int, default=None, help="vocabulary of the trained BPE (default: the model config's)")
-    add("--rank", type=int, default=None, help="override the method's rank (factors and/or gradient projection)")
     add("--lr", type=float, default=None, help="override the method's peak learning rate")
     add("--cycle-length", type=int, default=None, help="override the restart period (steps)")
-    add("--batch-size", type=int, default=defaults.batch_size, help="micro-batch size per process")
+    add_memory_options(parser, batch_size=defaults.batch_size, seq_len=defaults.seq_len, seq_len_help="tokens per sequence",
+                       param_dtype=None, param_dtype_help=" (default: the preset's training.param_dtype, fp32)")
     add("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
-    add("--seq-len", type=int, default=defaults.seq_len)
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-steps", type=int, default=None)
     budget.add_argument("--max-tokens", type=int, default=None)
@@ -57,24 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "PowerSGD's start_powerSGD_iter; default: the schedule's warm-up)")
     add("--dist-timeout", type=float, default=defaults.dist_timeout,
         help="seconds a rank waits for the others before the run ends with a message naming the rank that stopped")
-    from ..precision import PARAM_DTYPES, PRECISIONS
+    from ..precision import PRECISIONS
 
-    add("--param-dtype", default=None, choices=list(PARAM_DTYPES),
-        help="storage of parameters and gradients (default: the preset's training.param_dtype, fp32). bf16: the optimizer "
-             "computes in fp32 per tensor and writes back with stochastic rounding (training.bf16_rounding)")
     add("--precision", default="auto", choices=list(PRECISIONS),
         help="compute dtype. auto: with --param-dtype fp32, bf16 autocast on GPU and fp32 on CPU; with --param-dtype bf16, "
              "bf16 on GPU and fp32 computed from the bf16 storage on CPU (CPUs here have no fast bf16 matmul). "
              "fp32 / bf16 force it; bf16-mixed: autocast over fp32 storage")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--activation-checkpointing", action="store_true",
-        help="recompute every decoder layer in backward (non-reentrant): keeps one input per layer instead of its "
-             "activations, for one extra forward per layer")
-    add("--layerwise-step", action="store_true",
-        help="update each parameter inside backward as soon as its gradient is complete and free the gradient (no full "
-             "gradient set held; one process and FSDP2; DDP composes with --comm none/bf16/fp16/powersgd). Clipping uses "
-             "the previous step's global norm; a non-finite gradient skips that parameter's update")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--no-plot", action="store_true", help="skip the loss-curve PNG")
     add("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -26,7 +26,9 @@ loss keeps for backward (``4·N·V``), the shifted labels (8N), the loss's 0-dim
 transient, counted because it sets the peak when ``V ≫ h``: the gradient of the fp32 logits at
 the start of backward (``4·N·V``, plus ``e·N·V`` for its cast to the weight dtype when ``e < 4``).
 With activation checkpointing each layer keeps only its input (``e·N·h``) and one layer's
-activations exist again while it is recomputed in backward: ``L·e·N·h + A`` instead of ``L·A``.
+activations exist again while it is recomputed in backward: ``L·e·N·h + A`` instead of ``L·A``;
+the first recomputation comes after the loss's backward has freed the logits' gradient, so the
+two count as the larger of them.
 
 This is an estimate of what is *saved* plus that logits gradient, not of the peak: other
 transients come on top (the fp32 logits copy ``4·N·V`` during the loss when ``e < 4``, the dense
@@ -51,7 +53,9 @@ class ActivationBytes:
     checkpointing: the layer inputs plus one recomputed layer); ``head`` what lies outside the
     layers and is saved (ids, RoPE tables, final norm, fp32 log-softmax, labels);
     ``logits`` the returned logits; ``loss_backward`` the logits' gradient at the start of
-    backward; ``total = layers + head + logits + loss_backward``.
+    backward; ``total = layers + head + logits + loss_backward``, except with ``checkpointing``:
+    the recomputed layer exists only once the loss's backward is done with its transient, so
+    ``total = layers − per_layer + head + logits + max(loss_backward, per_layer)``.
     """
 
     per_layer: int
@@ -59,9 +63,13 @@ class ActivationBytes:
     head: int
     logits: int
     loss_backward: int
+    checkpointing: bool = False
+    log_softmax: int = 0  # the part of ``head`` that the loss's backward frees first (4·N·V)
 
     @property
     def total(self) -> int:
+        if self.checkpointing:
+            return self.layers - self.per_layer + self.head + self.logits + max(self.loss_backward, self.per_layer)
         return self.layers + self.head + self.logits + self.loss_backward
 
     @property
@@ -111,4 +119,5 @@ def llama_activation_bytes(
     layers = num_layers * e * n * h + per_layer if checkpointing else num_layers * per_layer
     head = n * (8 + 4 * h + 4 + 2 * e * h + 4 * vocab_size + 8) + 2 * e * seq_len * head_dim + 4
     loss_backward = n * vocab_size * (4 + (e if e < 4 else 0))
-    return ActivationBytes(per_layer=per_layer, layers=layers, head=head, logits=e * n * vocab_size, loss_backward=loss_backward)
+    return ActivationBytes(per_layer=per_layer, layers=layers, head=head, logits=e * n * vocab_size, loss_backward=loss_backward,
+                           checkpointing=checkpointing, log_softmax=4 * n * vocab_size)

@@ -18,6 +18,7 @@ from .build import DTYPES, available, load_config, parse_dtype
 from .estimate import MemoryEstimate, estimate
 from ..cli import pick_device
 from .measure import measure_method
+from ..cli.memory_options import add_memory_options
 
 __all__ = ["add_arguments", "run_from_args", "DEFAULT_SEQ_LEN"]
 
@@ -29,23 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", required=True, help="bundled model (tiny, llama_60m ... llama_7b) or a Hugging Face config JSON")
     add("--method", default="all",
         help=f"comma-separated methods, or 'all' ({', '.join(available())}); preset YAML paths work too")
-    add("--rank", type=int, default=None, help="override every rank of the presets (factors and gradient projection)")
-    # the name lowrank pretrain takes (fp32 / bf16); --weight-dtype is the older spelling, kept
-    add("--param-dtype", "--weight-dtype", dest="weight_dtype", default="float32", choices=sorted([*DTYPES, "fp32", "bf16", "fp16"]),
-        help="storage of parameters and gradients (as lowrank pretrain --param-dtype); activations are in the compute "
-             "dtype: this one on a GPU, fp32 for --measure on a CPU")
+    add_memory_options(parser, batch_size=1, seq_len=None, param_dtype="fp32", older_spellings=True,
+                       seq_len_help="tokens per sequence (default: 2048, or the model's max_position_embeddings if smaller)")
     add("--state-dtype", default="float32", choices=sorted(DTYPES),
         help="Adam moments (ProjectedAdamW's state_dtype; full_rank switches to ProjectedAdamW when it differs "
-             "from --weight-dtype, since torch's AdamW keeps moments in the weight dtype)")
-    add("--batch-size", type=int, default=1, help="micro-batch size")
-    add("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048, or the model's max_position_embeddings if smaller)")
-    # the name lowrank pretrain takes; --checkpointing is the older spelling, kept
-    add("--activation-checkpointing", "--checkpointing", dest="checkpointing", action="store_true",
-        help="activation checkpointing of every decoder layer (as lowrank pretrain --activation-checkpointing)")
-    add("--layerwise-step", action="store_true",
-        help="the optimizer step inside backward, as lowrank pretrain --layerwise-step: each parameter updated as soon as "
-             "its gradient is complete and the gradient freed, so gradients count the largest parameter's alone (its "
-             "shard with --fsdp2); with gradient accumulation > 1 or under DDP the whole set is held instead")
+             "from --param-dtype, since torch's AdamW keeps moments in the weight dtype)")
     add("--fsdp2", type=int, default=1, metavar="RANKS", help="per-rank bytes under --strategy fsdp2 with this many ranks")
     add("--measure", type=int, default=0, metavar="STEPS", help="also run STEPS real training steps per method and compare")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for --measure")
@@ -90,8 +79,8 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
     elif limit is not None and args.seq_len > limit:
         raise UsageError(f"--seq-len {args.seq_len} exceeds {name}'s max_position_embeddings ({limit}); lower --seq-len")
-    options = dict(rank=args.rank, weight_dtype=args.weight_dtype, state_dtype=args.state_dtype,
-                   batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.checkpointing,
+    options = dict(rank=args.rank, weight_dtype=args.param_dtype, state_dtype=args.state_dtype,
+                   batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.activation_checkpointing,
                    layerwise=args.layerwise_step)
     if args.fsdp2 < 1:
         raise UsageError(f"--fsdp2 must be a positive number of ranks, got {args.fsdp2}")
@@ -99,9 +88,11 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--measure runs one process; drop it with --fsdp2 (the FSDP2 numbers are estimates)")
     plot_path = _plot_path(args.plot, name) if args.plot else None
     start = time.perf_counter()
-    estimates = [estimate(args.model, method, **options, world_size=args.fsdp2) for method in methods]
+    # The table is a GPU's view: compute in the storage dtype, plain Adam batched by foreach kernels.
+    options_gpu = dict(options, world_size=args.fsdp2, device="cuda")
+    estimates = [estimate(args.model, method, **options_gpu) for method in methods]
     by_name = {e.method: e for e in estimates}
-    baseline = by_name.get(report.BASELINE) or estimate(args.model, report.BASELINE, **options, world_size=args.fsdp2)
+    baseline = by_name.get(report.BASELINE) or estimate(args.model, report.BASELINE, **options_gpu)
     seconds = time.perf_counter() - start
 
     pairs = []
@@ -109,9 +100,9 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         device = pick_device(args.device).type
         _check_fits(estimates, device)
         # Compared with the estimate for the measuring device's compute dtype (a CPU computes in fp32 from bf16).
-        compute, _ = compute_dtype(torch.device(device), parse_dtype(args.weight_dtype, "--param-dtype"), "auto")
+        compute, _ = compute_dtype(torch.device(device), parse_dtype(args.param_dtype, "--param-dtype"), "auto")
         for method in methods:
-            e = estimate(args.model, method, **options, world_size=args.fsdp2, compute_dtype=compute)
+            e = estimate(args.model, method, **options, world_size=args.fsdp2, compute_dtype=compute, device=device)
             pairs.append((e, measure_method(args.model, method, steps=args.measure, device=device, **options)))
 
     data = report.to_json(estimates, baseline, model_info=_model_info(config, name, baseline),

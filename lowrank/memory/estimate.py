@@ -29,14 +29,29 @@ from ..wrap import count_parameters, lowrank_layers
 from .activations import ActivationBytes, llama_activation_bytes
 from .build import build, check_size, dtype_name, load_config, parse_dtype, resolve
 from .peers import adamw8bit_state_bytes
+from ..optim import working_set
+from ..optim.adam import foreach_chunks
+from ..optim.adamw import FOREACH_CHUNK_NUMEL, multi_tensor_step
 
-__all__ = ["MemoryEstimate", "estimate", "largest_gradient_bytes", "optimizer_state_layout"]
+__all__ = ["MemoryEstimate", "estimate", "largest_gradient_bytes", "optimizer_state_layout", "step_working_set"]
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of one training set-up. ``total = weights + gradients + optimizer_state +
-    optimizer_extra + activations``.
+    """Bytes of one training set-up at its peak, ``total``: what is held throughout (weights,
+    optimizer state and extra) plus the larger of two moments.
+
+    * Early in backward: every saved activation and the logits' gradient are alive; the head's
+      gradient (``first_gradient``) comes once the loss's backward has freed its saved
+      log-softmax (``activation_detail["log_softmax"]``).
+    * The optimizer step: every gradient (``layerwise``: the largest, ``gradients``) and the
+      step's working set. With ``layerwise`` the largest parameter (the head or the embedding)
+      steps at an end of backward, the head beside the layers' saved tensors
+      (``activation_detail["layers"]``), which are then counted too.
+
+    ``total = weights + optimizer_state + optimizer_extra + max(activations + max(0,
+    first_gradient − log_softmax), gradients + step_working_set [+ layers])``; backward in between
+    trades activations for gradients.
 
     Attributes:
         weights: parameters (trainable and frozen, e.g. ReLoRA's base) plus buffers (SLTrain's
@@ -53,6 +68,12 @@ class MemoryEstimate:
             sparse-momentum subsets).
         activations: saved activations and logits for one micro-batch (an estimate; see
             :mod:`lowrank.memory.activations`); ``activation_detail`` breaks it down.
+        step_working_set: the optimizer step's own temporaries at their largest
+            (:func:`step_working_set`): one parameter's for a per-parameter step, a parameter
+            group's denominators for ``torch.optim.AdamW(foreach=True)``; ``None`` for a peer
+            optimizer (not modelled: the total then counts none).
+        first_gradient: the output head's gradient (its shard under FSDP2), the first one
+            backward allocates; 0 when the head is frozen.
     """
 
     model: str
@@ -72,6 +93,8 @@ class MemoryEstimate:
     optimizer_state: int
     optimizer_extra: int
     activations: int
+    step_working_set: int | None = None
+    first_gradient: int = 0
     weight_detail: dict[str, int] = field(default_factory=dict)
     optimizer_detail: dict[str, int] = field(default_factory=dict)
     activation_detail: dict[str, int] = field(default_factory=dict)
@@ -84,7 +107,12 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_state + self.activations
+        held = self.weights + self.optimizer_state + self.optimizer_extra
+        head_gradient = max(0, self.first_gradient - self.activation_detail.get("log_softmax", 0))
+        step = self.gradients + (self.step_working_set or 0)
+        if self.layerwise:
+            step += self.activation_detail.get("layers", 0)
+        return held + max(self.activations + head_gradient, step)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -107,6 +135,8 @@ def estimate(
     layerwise: bool = False,
     world_size: int = 1,
     compute_dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    rounding: str = "stochastic",
 ) -> MemoryEstimate:
     """Estimate the training memory of ``method`` on ``model_config``; allocates nothing.
 
@@ -133,6 +163,9 @@ def estimate(
         world_size: FSDP2 ranks the model is sharded over (1: not sharded).
         compute_dtype: the activations' dtype (``None``: ``weight_dtype``, as on a GPU; a CPU
             computes in fp32 from bf16 storage, :func:`lowrank.precision.compute_dtype`).
+        device: where the step runs (``ProjectedAdamW`` batches plain parameters with
+            ``torch._foreach_*`` kernels on accelerators, one at a time on a CPU).
+        rounding: ``training.bf16_rounding`` (stochastic rounding's draws are a temporary).
 
     Raises:
         UsageError: unknown method or model, a config that is not a causal LM, a non-positive
@@ -153,6 +186,9 @@ def estimate(
         # lowrank pretrain steps parameters stored in bf16 (or fp16) in fp32 (lowrank.precision.step_bf16)
         detail, extra = optimizer_state_layout(optimizer, step_dtype=torch.float32)
     counts = count_parameters(model)
+    shard = (0, world_size) if world_size > 1 else None
+    working = None if optimizer is None else step_working_set(optimizer, weight_dtype, rounding=rounding,
+                                                                  device=torch.device(device), shard=shard)
     activations = model_activations(config, model, compute_dtype, batch_size, seq_len, checkpointing)
     weights, gradients = parameter_bytes(model) + buffer_bytes(model), gradient_bytes(model)
     weight_detail = {
@@ -211,10 +247,54 @@ def estimate(
         optimizer_state=sum(detail.values()),
         optimizer_extra=extra,
         activations=activations.total,
+        step_working_set=working,
+        first_gradient=first_gradient_bytes(model, world_size),
         optimizer_detail=detail,
         activation_detail=activations.to_dict(),
         notes=tuple(notes),
     )
+
+
+def step_working_set(optimizer: torch.optim.Optimizer, weight_dtype: torch.dtype, *, rounding: str = "stochastic",
+                     device: torch.device = torch.device("cpu"), shard: tuple[int, int] | None = None) -> int:
+    """The largest working set of one optimizer step of ``optimizer`` (built on the meta device)
+    over its parameters, by :mod:`lowrank.optim.working_set`: a parameter stored in bf16 steps in
+    fp32 beside its copies (:func:`lowrank.precision.step_from_bf16`); ``ProjectedAdamW``'s plain
+    parameters go through the multi-tensor kernels in chunks where it batches them (accelerators,
+    or ``foreach=True``); ``torch.optim.AdamW(foreach=True)`` a group at a time. ``shard``: one
+    rank's rows under FSDP2."""
+    if type(optimizer) is torch.optim.AdamW:
+        return working_set.torch_adamw_foreach_bytes(
+            [[p for p in group["params"] if p.requires_grad] for group in optimizer.param_groups])
+    in_fp32 = weight_dtype != torch.float32
+    step_dtype = torch.float32 if in_fp32 else weight_dtype
+    largest = 0
+    for group in optimizer.param_groups:
+        plain = []  # batched by step() with torch._foreach_* kernels (never from bf16: one at a time)
+        for p in group["params"]:
+            shape, numel = tuple(p.shape), working_set.local_numel(tuple(p.shape), shard)
+            if group.get("use_muon"):
+                own = working_set.muon_step_bytes(shape)
+            else:
+                own = working_set.projected_adamw_step_bytes(shape, group, step_dtype=step_dtype, shard=shard)
+                if not in_fp32 and multi_tensor_step(len(shape), numel, group, device.type):
+                    plain.append(p)
+            during, rounding_pass = working_set.bf16_step_bytes(numel, weight_dtype, rounding)
+            largest = max(largest, own + during, rounding_pass)
+        size = (group["state_dtype"] or step_dtype).itemsize if not group.get("use_muon") else 0
+        for chunk in foreach_chunks(plain, FOREACH_CHUNK_NUMEL):  # the denominators of a chunk at once
+            largest = max(largest, size * sum(working_set.local_numel(tuple(p.shape), shard) for p in chunk))
+    return largest
+
+
+def first_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:
+    """Bytes of the output head's gradient, the first gradient backward allocates (rank 0's shard
+    under FSDP2, as :func:`largest_gradient_bytes`); 0 for a frozen or missing head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None or not weight.requires_grad:
+        return 0
+    return working_set.local_numel(tuple(weight.shape), (0, world_size) if world_size > 1 else None) * weight.element_size()
 
 
 def largest_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:

@@ -15,8 +15,10 @@ __all__ = ["CATEGORIES", "format_table", "format_comparison", "to_json", "dumps"
 SCHEMA = "lowrank.memory/1"
 BASELINE = "full_rank"
 GIB, MIB = 2**30, 2**20
-# (label, attribute) of the stacked categories, bottom to top.
-CATEGORIES = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer"), ("activations", "activations"))
+# (label, attribute) of the stacked categories, bottom to top; the last is what comes on top of the
+# model state at the peak: the activations or the optimizer step's working set, the larger.
+CATEGORIES = (("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer"),
+              ("activations or step temporaries", "transient"))
 
 
 def _optimizer(e: MemoryEstimate | Measurement) -> int:
@@ -24,7 +26,7 @@ def _optimizer(e: MemoryEstimate | Measurement) -> int:
 
 
 def _values(e: MemoryEstimate) -> dict[str, int]:
-    return {"weights": e.weights, "gradients": e.gradients, "optimizer": _optimizer(e), "activations": e.activations}
+    return {"weights": e.weights, "gradients": e.gradients, "optimizer": _optimizer(e), "transient": e.total - e.model_state}
 
 
 def _unit(estimates: Sequence[MemoryEstimate]) -> tuple[str, int]:
@@ -64,21 +66,24 @@ def format_table(estimates: Sequence[MemoryEstimate], baseline: MemoryEstimate) 
     """Methods as rows, memory categories as columns (GiB, or MiB for small models), and each
     total as a ratio to full-rank AdamW under the same settings."""
     unit, scale = _unit([*estimates, baseline])
-    rows = [["method", "rank", "trainable", "weights", "grads", "optimizer", "activations", "total", "vs full-rank"]]
+    rows = [["method", "rank", "trainable", "weights", "grads", "optimizer", "activations", "step", "total", "vs full-rank"]]
     for e in estimates:
-        values = _values(e)
         rows.append([
             e.method,
             "-" if e.rank is None else str(e.rank),
             _count(e.trainable_parameters),
-            *(f"{values[key] / scale:.2f}" for key, _ in CATEGORIES),
+            *(f"{value / scale:.2f}" for value in (e.weights, e.gradients, _optimizer(e), e.activations)),
+            "-" if e.step_working_set is None else f"{e.step_working_set / scale:.2f}",
             f"{e.total / scale:.2f}",
             f"{e.total / baseline.total:.2f}×",
         ])
     lines = [f"Estimated training memory ({unit}): {describe(baseline)}", "", _align(rows)]
     notes = sorted({f"{e.method}: {note}" for e in estimates for note in e.notes})
     lines += ["", "optimizer = Adam state (+ sparse-momentum index cache); activations = LLaMA-block estimate "
-              "(lowrank.memory.activations); total excludes allocator and kernel workspaces"]
+              "(lowrank.memory.activations); step = the optimizer step's own temporaries at their largest "
+              "(lowrank.optim.working_set; '-': a peer's, not modelled); total = the peak, weights + optimizer + the larger "
+              "of activations (early in backward) and grads + step (in the optimizer step; with --layerwise-step "
+              "beside the layers' activations); allocator caching and kernel workspaces excluded"]
     lines += [f"note — {note}" for note in notes]
     return "\n".join(lines)
 
@@ -179,7 +184,8 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 def plot(estimates: Sequence[MemoryEstimate], baseline: MemoryEstimate, path: str | Path, *, title: str | None = None) -> Path:
-    """A horizontal stacked bar per method (weights, gradients, optimizer, activations), its total
+    """A horizontal stacked bar per method (weights, gradients, optimizer, activations or the step's
+    temporaries), its total
     and ratio to full-rank AdamW at the bar's end, written as a PNG."""
     import matplotlib
 
@@ -188,7 +194,7 @@ def plot(estimates: Sequence[MemoryEstimate], baseline: MemoryEstimate, path: st
 
     unit, scale = _unit([*estimates, baseline])
     # Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
-    colours = {"weights": "#0072B2", "gradients": "#56B4E9", "optimizer": "#E69F00", "activations": "#009E73"}
+    colours = {"weights": "#0072B2", "gradients": "#56B4E9", "optimizer": "#E69F00", "transient": "#009E73"}
     fig, ax = plt.subplots(figsize=(9.5, 1.9 + 0.42 * len(estimates)))
     ys = list(range(len(estimates)))[::-1]
     left = [0.0] * len(estimates)

@@ -4,7 +4,7 @@ calls the pure functions of one module per technique (see the class docstring)."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,12 +38,25 @@ from .update import adamw_update_
 # The multi-tensor path allocates temporaries (denominators, casts) as large as the tensors it is
 # given; feeding it whole parameter groups would add ~14 bytes per parameter at peak for bf16
 # weights with fp32 moments (90 GB at 7B). Chunks of at most this many elements bound that.
-_FOREACH_CHUNK_NUMEL = 1 << 25
+FOREACH_CHUNK_NUMEL = 1 << 25
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     t = local(t)  # a DTensor's bytes on this rank
     return t.numel() * t.element_size()
+
+
+def multi_tensor_step(ndim: int, numel: int, group: Mapping[str, Any], device_type: str) -> bool:
+    """Whether ``step()`` batches a parameter (``ndim`` dimensions, ``numel`` entries) of ``group``
+    with ``torch._foreach_*`` kernels: plain Adam (no per-entry option), ``foreach`` (``None``: on
+    accelerators; on the CPU the per-parameter loop measured ~25% faster on LLaMA-60M, since
+    foreach allocates every parameter's temporaries at once), not quantized."""
+    if (ndim == 2 and (group["projection"] is not None or group["density"] < 1.0)) \
+            or group["spike_threshold"] > 0 or group["adaptive_clip"] or group["norm_scaling"]:
+        return False
+    foreach = group["foreach"] if group["foreach"] is not None else device_type != "cpu"
+    # A plain parameter's moments are shaped like it.
+    return foreach and not lowbit.is_quantized(numel, group.get("state_bits"))
 
 
 class ProjectedAdamW(Optimizer):
@@ -375,17 +388,9 @@ class ProjectedAdamW(Optimizer):
         return group
 
     def _batched(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor) -> bool:
-        """Whether ``p`` takes the multi-tensor path: plain Adam (no per-entry option), ``foreach``
-        (``None``: on accelerators; on the CPU the per-parameter loop measured ~25% faster on
-        LLaMA-60M, since foreach allocates every parameter's temporaries at once), not quantized."""
         if grad.is_sparse:
             raise RuntimeError("ProjectedAdamW does not support sparse gradients")
-        if (p.dim() == 2 and (group["projection"] is not None or group["density"] < 1.0)) \
-                or group["spike_threshold"] > 0 or group["adaptive_clip"] or group["norm_scaling"]:
-            return False
-        foreach = group["foreach"] if group["foreach"] is not None else p.device.type != "cpu"
-        # A plain parameter's moments are shaped like it.
-        return foreach and not lowbit.is_quantized(p.numel(), group.get("state_bits"))
+        return multi_tensor_step(p.dim(), p.numel(), group, p.device.type)
 
     def _state_tensor(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], key: str) -> torch.Tensor:
         """``state[key]``, created the first time as zeros of the layout's shape and dtype on ``p``'s
@@ -436,7 +441,7 @@ class ProjectedAdamW(Optimizer):
 
     def _step_foreach(self, params: list[torch.Tensor], group: dict[str, Any], grads: list[torch.Tensor]) -> None:
         """Plain AdamW (:func:`lowrank.optim.adam.adamw_foreach_`) of ``params``, in chunks of at
-        most ``_FOREACH_CHUNK_NUMEL`` elements of one (device, dtype, state dtype)."""
+        most ``FOREACH_CHUNK_NUMEL`` elements of one (device, dtype, state dtype)."""
         buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p, grad in zip(params, grads):
             state = self.state[p]
@@ -451,7 +456,7 @@ class ProjectedAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         for (_, _, s_dtype), bucket in buckets.items():
             grad_of = {id(p): grad for p, grad in bucket}
-            for chunk in _chunks([p for p, _ in bucket], _FOREACH_CHUNK_NUMEL):
+            for chunk in _chunks([p for p, _ in bucket], FOREACH_CHUNK_NUMEL):
                 states = [self.state[p] for p in chunk]
                 chunk_grads = [local(grad_of[id(p)]) for p in chunk]
                 adamw_foreach_(
