@@ -67,7 +67,10 @@ def render_block(results: Path = RESULTS) -> str:
     seq = ", ".join(f"{data[size]['settings']['seq_len']} ({size.upper()})" for size in MODELS)
     intro = (f"bf16 weights and gradients, {data['1b']['settings']['state_dtype']} moments, one sequence per step of "
              f"{seq} tokens (each model's max_position_embeddings, at most 2048), no activation checkpointing; from "
-             "`benchmarks/results/memory_llama_{60m,350m,1b,7b}.json` (`python benchmarks/bench_memory_table.py`).")
+             "`benchmarks/results/memory_llama_{60m,350m,1b,7b}.json` (`python benchmarks/bench_memory_table.py`). "
+             "Each row is a configuration `lowrank pretrain --param-dtype bf16` runs, except `adamw8bit`, bitsandbytes' "
+             "optimizer, shown for reference: the trainer takes a peer optimizer only through the Python API's "
+             "`optimizer_factory`, and only with fp32 storage (bf16 storage needs a per-parameter step).")
     return "\n\n".join([intro, *blocks])
 
 
