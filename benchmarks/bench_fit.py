@@ -63,6 +63,12 @@ OPTIONS = {
 LATER_SETTINGS = Option._field_defaults
 BLOCK = ("<!-- fit-table -->", "<!-- /fit-table -->")
 GIB = 2**30
+FITS_IN = 0.85  # a row is measured when its estimate is below this share of the machine's memory
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def row_settings(model: str, method: str, option: str, seq_len: int, batch_size: int, steps: int, device: str) -> dict:
@@ -211,7 +217,7 @@ def render_smallest(data: dict) -> list[str]:
     """Per model and method, the smallest measured peak over the option sets (rows and trained runs)."""
     best: dict[tuple[str, str], tuple[int, str]] = {}
     for row in data.get("rows", {}).values():
-        s, peak = row["settings"], row["measured"]["peak"]
+        s, peak = row["settings"], (row["measured"] or {}).get("peak")
         if peak and peak < best.get((s["model"], s["method"]), (float("inf"), ""))[0]:
             best[(s["model"], s["method"])] = (peak, s["option"])
     for row in data.get("trained", {}).values():
@@ -232,8 +238,11 @@ def render_smallest(data: dict) -> list[str]:
 
 
 def render_row(row: dict) -> str:
-    """One table line; ``-`` where the profiler gave no peak."""
+    """One table line; ``-`` where the profiler gave no peak, and the reason where the row was not measured."""
     s, e, m = row["settings"], row["estimate_cpu"], row["measured"]
+    if m is None:
+        return (f"| {s['device']} | {s['model']} | `{s['method']}` | {s['option']} | - | {e['step_working_set'] / GIB:.2f} | "
+                f"{e['total'] / GIB:.2f} | not measured: {row['not_measured']} | - | - | {row['estimate_gpu']['total'] / GIB:.2f} |")
     exact = all(m[k] == e[k] for k in ("weights", "gradients", "optimizer_state", "optimizer_extra"))
     peak = m["peak"]
     measured = f"{peak / GIB:.2f} | {(peak - e['total']) / e['total']:+.1%}" if peak else "- | -"
@@ -338,9 +347,19 @@ def run_rows(args: argparse.Namespace, path: Path) -> None:
             for option in args.options:
                 settings = row_settings(model, method, option, args.seq_len, args.batch_size, args.steps, args.device)
                 key = f"{args.device}/{model}/{method}/{option}"
-                if key in rows and unchanged(rows[key], settings):
-                    continue
+                if key in rows and unchanged(rows[key], settings) and rows[key]["measured"] is not None:
+                    continue  # (a row not measured for lack of memory is tried again: this machine may have more)
                 print(f"{key} ...", flush=True)
+                planned = estimates(settings)
+                if args.device == "cpu" and planned["estimate_cpu"]["total"] > FITS_IN * memory_bytes():
+                    # the machine would swap or kill the row: recorded as not measured, with the reason
+                    rows[key] = {"settings": settings, **planned, "measured": None,
+                                 "not_measured": f"the estimate ({planned['estimate_cpu']['total'] / GIB:.1f} GiB) exceeds "
+                                                 f"{FITS_IN:.0%} of this machine's {memory_bytes() / GIB:.1f} GiB"}
+                    data.update(benchmark=NAME, machine=machine_info())
+                    path.write_text(json.dumps(data, indent=2) + "\n")
+                    print(f"  not measured: {rows[key]['not_measured']}", flush=True)
+                    continue
                 done = subprocess.run([sys.executable, __file__, "--row", json.dumps(settings)], capture_output=True, text=True)
                 if done.returncode != 0:
                     print(done.stderr[-2000:], file=sys.stderr)

@@ -249,3 +249,46 @@ def test_bench_fit_trains_a_row_with_lowrank_pretrain(tmp_path):
     assert row["full_rank_estimate"] > row["estimate"]["total"]
     block = bench_fit.render({"rows": {}, "trained": {"cpu/tiny": row}, "machine": {"cpu": "test"}})
     assert "| tiny | `lowrank_sparse_8bit` (rank 8) | bf16+ckpt+layerwise | 32 |" in block
+
+
+def test_bench_fit_records_a_row_too_large_for_the_machine_without_running_it(tmp_path, monkeypatch):
+    """A row whose estimate exceeds the machine's memory is recorded as not measured, with the
+    reason, instead of swapping or being killed; rendered as such; tried again on a larger machine."""
+    import argparse
+
+    import bench_fit
+
+    monkeypatch.setattr(bench_fit, "memory_bytes", lambda: 2**30)  # a 1 GiB machine
+    run = subprocess.run
+
+    def no_rows(command, *a, **k):
+        if "--row" in command:
+            pytest.fail("the row must not be run")
+        return run(command, *a, **k)
+
+    monkeypatch.setattr(bench_fit.subprocess, "run", no_rows)
+    args = argparse.Namespace(models=["llama_350m"], methods=["full_rank"], options=["fp32"], seq_len=256, batch_size=1,
+                              steps=2, device="cpu")
+    path = tmp_path / "fit.json"
+    bench_fit.run_rows(args, path)
+    row = json.loads(path.read_text())["rows"]["cpu/llama_350m/full_rank/fp32"]
+    assert row["measured"] is None and "exceeds 85% of this machine's 1.0 GiB" in row["not_measured"]
+    assert row["estimate_cpu"]["total"] > 2**30
+    assert "not measured: the estimate" in bench_fit.render(json.loads(path.read_text()) | {"machine": {"cpu": "test"}})
+
+
+def test_report_compares_bf16_storage_with_fp32_at_the_same_lr():
+    def run(name, ppl_value, lr, overrides):
+        return {**_record(name, "ours", ppl_value, 100), "lr": lr, "overrides": overrides,
+                "sweep": [{"lr": lr, "val_ppl": ppl_value}]}
+
+    bf16 = {"training.param_dtype": "bf16"}
+    results = {"x-fp32": run("x-fp32", 100.0, 3e-3, {}),
+               "x-bf16": run("x-bf16", 101.0, 3e-3, {**bf16, "training.bf16_rounding": "stochastic"}),
+               "x-bf16-nearest": run("x-bf16-nearest", 110.0, 3e-3, {**bf16, "training.bf16_rounding": "nearest"}),
+               "adamw-bf16": run("adamw-bf16", 90.0, 1e-3, {}),  # autocast, not storage: not compared
+               "adamw": run("adamw", 89.0, 1e-3, {})}
+    lines = report.bf16_pairs({"results": results})
+    assert lines[1:] == [
+        "- `x-bf16-nearest` (nearest rounding) vs `x-fp32` (fp32) at lr 0.003: val ppl 110.00 vs 100.00 (+10.0 %).",
+        "- `x-bf16` (stochastic rounding) vs `x-fp32` (fp32) at lr 0.003: val ppl 101.00 vs 100.00 (+1.0 %)."]
