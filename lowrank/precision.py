@@ -48,7 +48,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed")
 autocast over fp32 storage); ``bf16-mixed`` is autocast to bf16 over fp32 storage."""
 
 # Entries of one rounding draw: bounds the int32 noise tensor to 64 MiB for any parameter size.
-_ROUND_CHUNK = 1 << 24
+ROUND_CHUNK = 1 << 24
 
 
 def param_dtype(name: str) -> torch.dtype:
@@ -222,13 +222,13 @@ def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | N
     if out is None:
         out = torch.empty(value.shape, dtype=torch.bfloat16, device=value.device)
     result, out = out, out.view(-1)
-    for start in range(0, flat.numel(), _ROUND_CHUNK):
-        piece = flat[start : start + _ROUND_CHUNK]
+    for start in range(0, flat.numel(), ROUND_CHUNK):
+        piece = flat[start : start + ROUND_CHUNK]
         noise = torch.randint(0, 1 << 16, piece.shape, dtype=torch.int32, device=piece.device, generator=generator)
         bits = piece.view(torch.int32).add(noise).bitwise_and_(-65536)  # -65536 = 0xFFFF0000 as int32
         rounded = bits.view(torch.float32)
         rounded = torch.where(torch.isfinite(piece), rounded, piece)
-        out[start : start + _ROUND_CHUNK] = rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+        out[start : start + ROUND_CHUNK] = rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
     return result
 
 

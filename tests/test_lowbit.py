@@ -542,12 +542,12 @@ def test_state_codecs_work_in_pieces(bits, monkeypatch):
     numel = 1 << 20
     value = torch.randn(numel)
     whole = lowbit.quantize_blockwise(value, bits, signed=True)
-    monkeypatch.setattr(lowbit, "_PIECE_NUMEL", 1 << 14)
+    monkeypatch.setattr(lowbit, "PIECE_NUMEL", 1 << 14)
     codes, absmax = torch.empty_like(whole[0]), torch.empty_like(whole[1])
     _, rises = profiled_allocation_rises(lambda: lowbit.encode_state_(codes, absmax, value, bits, signed=True))
     assert max(rises) < numel // 2  # one piece's temporaries (~14 bytes per entry of it), not ~13 bytes per entry
     assert torch.equal(codes, whole[0]) and torch.equal(absmax, whole[1])
     decoded, rises = profiled_allocation_rises(lambda: lowbit.decode_state(codes, absmax, bits, True, (numel,)))
     assert max(rises) < 4 * numel + numel // 2  # the output, plus one piece
-    monkeypatch.setattr(lowbit, "_PIECE_NUMEL", 1 << 22)
+    monkeypatch.setattr(lowbit, "PIECE_NUMEL", 1 << 22)
     assert torch.equal(decoded, lowbit.decode_state(codes, absmax, bits, True, (numel,)))

@@ -171,13 +171,13 @@ def check_quantizable(numel: int, bits: int) -> None:
 # Entries per piece of work in quantize / dequantize: the temporaries (scaled values, int32 and
 # int64 code indices, padding) are bounded by this, not by the tensor; pieces are whole blocks, so
 # the result is the same bits as one pass.
-_PIECE_NUMEL = 1 << 22
+PIECE_NUMEL = 1 << 22
 
 
 def _pieces(numel: int, bits: int):
     """``(first block, last block, first entry, end entry)`` of each piece of whole blocks."""
     block = BLOCK_SIZES[bits]
-    per_piece = max(1, _PIECE_NUMEL // block)
+    per_piece = max(1, PIECE_NUMEL // block)
     blocks = num_blocks(numel, bits)
     for b0 in range(0, blocks, per_piece):
         b1 = min(blocks, b0 + per_piece)
@@ -193,7 +193,7 @@ def quantize_blockwise(x: torch.Tensor, bits: int, signed: bool,
     ``x / absmax`` (a zero block scales by 1 and encodes its zeros), packed two per byte for
     4 bits. Formula, rounding and sources: module docstring. ``out``: write into these
     ``(codes, absmax)`` instead of new tensors. Computed a piece of whole blocks at a time
-    (:data:`_PIECE_NUMEL`), so the temporaries do not scale with ``x``.
+    (:data:`PIECE_NUMEL`), so the temporaries do not scale with ``x``.
     """
     check_quantizable(x.numel(), bits)
     flat = x.reshape(-1)

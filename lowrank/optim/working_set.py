@@ -27,17 +27,22 @@ moments of ``K`` entries (``N_R``, or the sparse subset ``k``), each temporary i
     APOLLO                                 e·N      G · scaling, limited in place (projection.apollo_update)
 
 All of these are alive at once when the update is added to the parameter, so their sum is the
-step's peak, with three exceptions. A step that refreshes an ``"svd"`` projector first takes the thin
-SVD of the whole ``m × n`` gradient (``4·(mn + s(m + n))``, ``s = min(m, n)``: the copy LAPACK
-works on, ``U`` and ``Vᵀ``; projection.svd_basis), which for GaLore is the run's peak every
-``update_proj_gap`` steps; a step that draws a new sparse-momentum subset (each reset period)
-holds a bool mask of ``N_R`` entries and the int64 and int32 indices (``12k``; the int64 draws
-before them are at most ``8k`` plus a smaller second round; seeding.sample_subset) beside ``R``. And the block codec of quantized moments works a piece of at most
-``2²²`` entries at a time (:data:`lowbit._PIECE_NUMEL`) and allocates ``CODEC_BYTES_PER_ENTRY``
-per entry of a piece while re-encoding, plus 4 bytes per block of the whole moment, after the
-direction and the update are freed. A
-stochastic rounding pass back to bf16 holds the fp32 copy and ``15`` bytes per entry of a
-``2²⁴``-entry chunk (:func:`lowrank.precision.stochastic_round_to_bf16`).
+step's peak, with three exceptions:
+
+* a step that refreshes an ``"svd"`` projector first takes the thin SVD of the whole ``m × n``
+  gradient, ``4·(mn + s(m + n))`` with ``s = min(m, n)``: the copy LAPACK works on, ``U`` and
+  ``Vᵀ`` (projection.svd_basis); for GaLore that is the run's peak every ``update_proj_gap`` steps;
+* a step that draws a new sparse-momentum subset (each reset period) holds a bool mask of ``N_R``
+  entries and the int64 and int32 indices, ``12k`` (the int64 draws before them are at most
+  ``8k`` plus a smaller second round; seeding.sample_subset), beside ``R``;
+* the block codec of quantized moments works a piece of at most ``2²²`` entries at a time
+  (:data:`lowbit.PIECE_NUMEL`) and allocates :data:`CODEC_BYTES_PER_ENTRY` per entry of a piece
+  while re-encoding, plus 4 bytes per block of the whole moment, after the direction and the
+  update are freed.
+
+A stochastic rounding pass back to bf16 then holds the fp32 copy and
+:data:`ROUNDING_BYTES_PER_ENTRY` per entry of a :data:`lowrank.precision.ROUND_CHUNK`-entry chunk
+(:func:`lowrank.precision.stochastic_round_to_bf16`).
 
 ``Muon`` (:func:`muon_step_bytes`) on an ``m × n`` matrix, ``s = min(m, n)``: the Nesterov
 direction (fp32, ``4N``), Newton–Schulz's bf16 iterate twice (old and new, ``2·2N``), its two
@@ -53,6 +58,7 @@ from typing import Any
 
 import torch
 
+from ..precision import ROUND_CHUNK
 from ..seeding import subset_size
 from . import lowbit
 from .layout import shard_range
@@ -76,7 +82,6 @@ BLAS_PACKING_BYTES = 5
 workspace of about ``1.25·s²`` bytes (measured: 1 MiB at s = 1024, 5 MiB at 2048; none below);
 counted as ``BLAS_PACKING_BYTES / 4`` bytes per entry of ``s × s``."""
 
-_ROUND_CHUNK = 1 << 24  # lowrank.precision's chunk of rounding draws
 
 
 def local_numel(shape: tuple[int, ...], shard: tuple[int, int] | None) -> int:
@@ -130,7 +135,7 @@ def projected_adamw_step_bytes(shape: tuple[int, ...], group: Mapping[str, Any],
         update += e * n * (2 if group["residual"] == "fira" else 1)
     elif kind == "random":
         update += e * n
-    codec = CODEC_BYTES_PER_ENTRY * min(k, lowbit._PIECE_NUMEL) + 4 * lowbit.num_blocks(k, group["state_bits"]) \
+    codec = CODEC_BYTES_PER_ENTRY * min(k, lowbit.PIECE_NUMEL) + 4 * lowbit.num_blocks(k, group["state_bits"]) \
         if quantized else 0
     refresh = 0
     if kind == "svd":  # the whole gradient's thin SVD: its fp32 copy, U and Vᵀ (its owner's under FSDP2)
@@ -158,7 +163,7 @@ def bf16_step_bytes(numel: int, storage: torch.dtype, rounding: str) -> tuple[in
     rounding's chunk afterwards. Zero for fp32 storage."""
     if storage == torch.float32:
         return 0, 0
-    rounding_bytes = ROUNDING_BYTES_PER_ENTRY * min(numel, _ROUND_CHUNK) if rounding == "stochastic" else 0
+    rounding_bytes = ROUNDING_BYTES_PER_ENTRY * min(numel, ROUND_CHUNK) if rounding == "stochastic" else 0
     return 2 * 4 * numel, 4 * numel + rounding_bytes
 
 
