@@ -193,7 +193,7 @@ def render(data: dict) -> str:
         "difference | weights+grads+state measured = estimated | GPU estimate GiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|:---:|---:|",
     ]
-    lines += [render_row(row) for row in rows.values()]
+    lines += [render_row(row) for row in sorted(rows.values(), key=_row_order)]
     lines += ["", *render_smallest(data)]
     trained = data.get("trained", {})
     if trained:
@@ -211,6 +211,17 @@ def render(data: dict) -> str:
                          f"{losses} | {row['estimate']['total'] / GIB:.2f} | {peak} | {row['peak_rss'] / GIB:.2f} | "
                          f"{row['full_rank_estimate'] / GIB:.2f} | {row['seconds'] / s['steps']:.0f} |")
     return "\n".join(lines)
+
+
+def _row_order(row: dict) -> tuple:
+    """Device, then model, method and option in the order this script names them."""
+    s = row["settings"]
+
+    def index(value, known) -> tuple:
+        known = list(known)
+        return (known.index(value) if value in known else len(known), value)
+
+    return s["device"], index(s["model"], RANKS), index(s["method"], METHODS), index(s["option"], OPTIONS)
 
 
 def render_smallest(data: dict) -> list[str]:
