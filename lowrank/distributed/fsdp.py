@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from ..layers import LowRankLinear
 from ..linalg import balanced_factors, kaiming_uniform_, work_dtype
 from ..optim import Muon, ProjectedAdamW
-from ..optim.layout import shard_range, state_layout, torch_adamw_state_layout
+from ..optim.layout import local_numel, shard_range, state_layout, torch_adamw_state_layout
 from ..seeding import STREAM_MERGE, cpu_generator
 from ..wrap import unwrap_model
 
@@ -274,13 +274,6 @@ class ShardedMemory:
 
     def to_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
-
-
-def local_numel(shape: tuple[int, ...], rank: int, world: int) -> int:
-    """Entries of rank ``rank``'s row shard of a tensor of ``shape`` over ``world`` ranks (FSDP2's dim-0 sharding)."""
-    if not shape:
-        return 1
-    return shard_range(shape[0], rank, world)[1] * math.prod(shape[1:])
 
 
 def fsdp_memory_per_rank(

@@ -32,6 +32,7 @@ from .peers import adamw8bit_state_bytes
 from ..optim import working_set
 from ..optim.adam import foreach_chunks
 from ..optim.adamw import FOREACH_CHUNK_NUMEL, multi_tensor_step
+from ..optim.layout import local_numel
 
 __all__ = ["MemoryEstimate", "estimate", "largest_gradient_bytes", "optimizer_state_layout", "step_working_set"]
 
@@ -272,7 +273,8 @@ def step_working_set(optimizer: torch.optim.Optimizer, weight_dtype: torch.dtype
     for group in optimizer.param_groups:
         plain = []  # batched by step() with torch._foreach_* kernels (never from bf16: one at a time)
         for p in group["params"]:
-            shape, numel = tuple(p.shape), working_set.local_numel(tuple(p.shape), shard)
+            shape = tuple(p.shape)
+            numel = local_numel(shape, *(shard or (0, 1)))
             if group.get("use_muon"):
                 own = working_set.muon_step_bytes(shape)
             else:
@@ -283,7 +285,7 @@ def step_working_set(optimizer: torch.optim.Optimizer, weight_dtype: torch.dtype
             largest = max(largest, own + during, rounding_pass)
         size = (group["state_dtype"] or step_dtype).itemsize if not group.get("use_muon") else 0
         for chunk in foreach_chunks(plain, FOREACH_CHUNK_NUMEL):  # the denominators of a chunk at once
-            largest = max(largest, size * sum(working_set.local_numel(tuple(p.shape), shard) for p in chunk))
+            largest = max(largest, size * sum(local_numel(tuple(p.shape), *(shard or (0, 1))) for p in chunk))
     return largest
 
 
@@ -294,7 +296,7 @@ def first_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:
     weight = getattr(head, "weight", None)
     if weight is None or not weight.requires_grad:
         return 0
-    return working_set.local_numel(tuple(weight.shape), (0, world_size) if world_size > 1 else None) * weight.element_size()
+    return local_numel(tuple(weight.shape), 0, world_size) * weight.element_size()
 
 
 def largest_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:
@@ -302,8 +304,6 @@ def largest_gradient_bytes(model: nn.Module, world_size: int = 1) -> int:
     inside backward holds at most (each gradient is freed once its parameter has stepped). Under
     FSDP2 (``world_size > 1``) the largest shard, rank 0's, sharded as
     :func:`lowrank.distributed.fsdp.fsdp_memory_per_rank` shards the gradient set."""
-    from ..distributed.fsdp import local_numel
-
     return max((local_numel(tuple(p.shape), 0, world_size) * p.element_size() for p in model.parameters() if p.requires_grad),
                default=0)
 

@@ -76,6 +76,7 @@ __all__ = [
     "MOMENT_SIGNED",
     "ParamStateLayout",
     "TensorSpec",
+    "local_numel",
     "shard_range",
     "state_layout",
     "torch_adamw_state_layout",
@@ -164,6 +165,13 @@ def shard_range(rows: int, rank: int, world: int) -> tuple[int, int]:
     chunk = -(-rows // world)
     start = min(rank * chunk, rows)
     return start, min(rows, start + chunk) - start
+
+
+def local_numel(shape: tuple[int, ...], rank: int, world: int) -> int:
+    """Entries of rank ``rank``'s row shard of a tensor of ``shape`` over ``world`` ranks (FSDP2's dim-0 sharding)."""
+    if not shape:
+        return 1
+    return shard_range(shape[0], rank, world)[1] * math.prod(shape[1:])
 
 
 def state_layout(

@@ -61,10 +61,10 @@ import torch
 from ..precision import ROUND_CHUNK
 from ..seeding import subset_size
 from . import lowbit
-from .layout import shard_range
+from .layout import local_numel
 from .projection import effective_rank, is_left
 
-__all__ = ["CODEC_BYTES_PER_ENTRY", "ROUNDING_BYTES_PER_ENTRY", "bf16_step_bytes", "local_numel", "muon_step_bytes",
+__all__ = ["CODEC_BYTES_PER_ENTRY", "ROUNDING_BYTES_PER_ENTRY", "bf16_step_bytes", "muon_step_bytes",
            "projected_adamw_step_bytes", "torch_adamw_foreach_bytes"]
 
 CODEC_BYTES_PER_ENTRY = 13
@@ -84,13 +84,6 @@ counted as ``BLAS_PACKING_BYTES / 4`` bytes per entry of ``s × s``."""
 
 
 
-def local_numel(shape: tuple[int, ...], shard: tuple[int, int] | None) -> int:
-    """Entries of a parameter of ``shape``, or of one rank's rows under FSDP2 (``shard=(rank, world)``)."""
-    if shard is None or not shape:
-        return math.prod(shape)
-    return shard_range(shape[0], *shard)[1] * math.prod(shape[1:])
-
-
 def projected_adamw_step_bytes(shape: tuple[int, ...], group: Mapping[str, Any], *, step_dtype: torch.dtype,
                                grad_dtype: torch.dtype | None = None, shard: tuple[int, int] | None = None) -> int:
     """Bytes ``ProjectedAdamW.step_param`` allocates for one parameter of ``shape`` in ``group``
@@ -102,7 +95,7 @@ def projected_adamw_step_bytes(shape: tuple[int, ...], group: Mapping[str, Any],
     shards them)."""
     shape = tuple(shape)
     e = (group["state_dtype"] or step_dtype).itemsize
-    n = local_numel(shape, shard)
+    n = local_numel(shape, *shard) if shard is not None else math.prod(shape)
     matrix = len(shape) == 2
     kind = group["projection"] if matrix else None
     n_low = n
