@@ -12,7 +12,7 @@ import torch.autograd.profiler as profiler
 from lowrank.accounting import profiled_allocation_rises
 from lowrank.memory import estimate, measure_method
 from lowrank.optim import Muon, ProjectedAdamW
-from lowrank.optim.working_set import bf16_step_bytes, muon_step_bytes, projected_adamw_step_bytes, torch_adamw_foreach_bytes
+from lowrank.optim.working_set import BLAS_PACKING_BYTES, bf16_step_bytes, muon_step_bytes, projected_adamw_step_bytes, torch_adamw_foreach_bytes
 from lowrank.precision import step_from_bf16
 from test_optim_reference import CASES
 
@@ -67,8 +67,9 @@ def test_muon_step_allocates_at_most_the_stated_bytes(shape):
     optimizer = Muon([{"params": [p], "use_muon": True}], lr=1e-3)
     measured = _measured_step(p, lambda: optimizer.step_param(p))
     stated = muon_step_bytes(shape)
-    # the BLAS's packing workspace is stated as an upper bound (it varies with the library)
-    assert 0.95 * stated <= measured <= stated + SLACK, f"measured {measured} bytes, stated {stated}"
+    # the BLAS's packing workspace is stated as an upper bound: another BLAS may pack less or not at all
+    packing = BLAS_PACKING_BYTES * min(shape) ** 2 // 4
+    assert stated - packing - SLACK <= measured <= stated + SLACK, f"measured {measured} bytes, stated {stated}"
 
 
 def test_torch_foreach_adamw_allocates_a_group_of_denominators():
