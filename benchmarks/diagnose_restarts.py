@@ -76,8 +76,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info  # noqa: E402
+from suites import CONTENDERS  # noqa: E402
 
-from lowrank.methods import load_method  # noqa: E402
+from lowrank.methods import available_methods, load_method  # noqa: E402
 from lowrank.run import Trainer  # noqa: E402
 from lowrank.run.config import TrainConfig  # noqa: E402
 from lowrank.wrap import lowrank_layers  # noqa: E402
@@ -280,14 +281,24 @@ class DiagnosticTrainer(Trainer):
 # ---------------------------------------------------------------------- one method
 
 
+def method_preset(name: str) -> tuple[str, dict[str, Any]]:
+    """``(preset, its overrides)`` for ``name``: a preset, or one of ``benchmarks/suites.py``'s variants
+    of ours (e.g. ``low_rank_restarts-rotate``: the preset with the contender's ``overrides``)."""
+    if name not in available_methods() and name in CONTENDERS and CONTENDERS[name].peer is None:
+        return CONTENDERS[name].preset, dict(CONTENDERS[name].overrides)
+    return name, {}
+
+
 def method_overrides(name: str, cycle: int | None) -> dict[str, Any]:
-    """``restarts.cycle_length`` = ``cycle`` and the re-warm-ups scaled with it (as compare.py)."""
-    method = load_method(name)
+    """The variant's own overrides (:func:`method_preset`), ``restarts.cycle_length`` = ``cycle`` and
+    the re-warm-ups scaled with it (as compare.py)."""
+    preset, overrides = method_preset(name)
+    method = load_method(preset, overrides)
     restarts = method.restarts
     if restarts is None or cycle is None:
-        return {}
+        return overrides
     factor = cycle / restarts.cycle_length
-    overrides: dict[str, Any] = {"restarts.cycle_length": cycle}
+    overrides["restarts.cycle_length"] = cycle
     if restarts.rewarmup_steps:
         overrides["restarts.rewarmup_steps"] = min(cycle - 1, max(1, round(restarts.rewarmup_steps * factor)))
     for group in ("matrix", "other"):
@@ -302,7 +313,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     overrides = method_overrides(name, args.cycle)
     cfg = TrainConfig(
-        method=name, model=args.model, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        method=method_preset(name)[0], model=args.model, data=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         rank=args.rank, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, max_steps=args.steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, keep_checkpoints=1, out=str(work / name),
         overwrite=True, seed=args.seed, device=args.device, precision=args.precision, progress=False, plot=False,
@@ -321,6 +332,9 @@ def run_method(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "cycle_length": restarts.cycle_length if restarts else None,
             "event": restarts.event if restarts else None, "reset": restarts.reset if restarts else None,
             "rewarmup_steps": restarts.rewarmup_steps if restarts else 0,
+            "reset_moments": restarts.reset_moments if restarts else None,
+            "rotate_moments": bool(restarts and restarts.rotate_moments),
+            "reset_warmup": int(method.optimizer.matrix.get("reset_warmup", 0)),
             "layers": len(trainer.layers), "rank": args.rank,
         },
         "series": series,
@@ -449,8 +463,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _event_name(settings: dict[str, Any], kind: str) -> str:
     reset = settings.get("reset")
+    carried = " rotated" if settings.get("rotate_moments") else " kept"
     if kind == "refactorize":
-        return "refactorization + momentum reset" if reset in ("changed", "factors", "all") else "refactorization (moments kept)"
+        if reset in ("changed", "factors", "all"):
+            if settings.get("reset_moments") == "first":
+                return f"refactorization + reset of m (v{carried})"
+            warmup = settings.get("reset_warmup")
+            return "refactorization + momentum reset" + (f" ({warmup}-step update warm-up)" if warmup else "")
+        return f"refactorization (moments{carried})"
     if kind == "merge":
         return "merge + momentum reset" if reset not in (None, "none") else "merge"
     return "momentum reset" if reset not in (None, "none") else "restart"
@@ -558,7 +578,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="corpus folder (train.txt / valid.txt, or .gz)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated presets")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma-separated presets, or variants of ours named in benchmarks/suites.py (low_rank_restarts-rotate)")
     parser.add_argument("--model", default="llama_20m")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--tokenizer", default=None, help="a trained tokenizer folder (default: BPE trained on the corpus)")

@@ -131,6 +131,11 @@ CONTENDERS = {
     # keep v and reset only m (its uncorrected rebuild is a built-in ramp), or SPAM's update warm-up.
     "low_rank_restarts-first": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("restarts.reset_moments", "first"),),
                                          source="remedy: reset the first moment only"),
+    # ...or reset m and carry v into the refactorized coordinates (lowrank.optim.rotation), so v is neither
+    # stale (-first keeps it in the old ones) nor rebuilt from zero.
+    "low_rank_restarts-rotate": Contender("low_rank_restarts", lr=1.5e-3,
+                                          overrides=(("restarts.reset_moments", "first"), ("restarts.rotate_moments", True)),
+                                          source="remedy: reset m, rotate v into the new basis"),
     "low_rank_restarts-warmup": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("optimizer.matrix.reset_warmup", 10),),
                                           source="remedy: post-reset update warm-up, 10 steps"),
     # The fair full-rank baseline: the hidden matrices in a group of their own at lr × matrix_lr_ratio
@@ -205,7 +210,8 @@ SUITES = {
                                   "sltrain", "adamw-split"),
                       sweep_all=True, ratio_sweep=(0.5, 2.0), seeds=(0, 1, 2),
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
-                                "low_rank_restarts@400", "low_rank_restarts-first", "low_rank_restarts-warmup"),
+                                "low_rank_restarts@400", "low_rank_restarts-first", "low_rank_restarts-warmup",
+                                "low_rank_restarts-rotate"),
                       ablation_base="low_rank"),
     # The seed papers' low-bit and quantization-readiness claims on cpu-long's model at a shorter
     # budget (600 steps, 614k tokens per run): 4-bit training at 1×/2×/4× each lr (the Stable-SPAM

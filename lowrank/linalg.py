@@ -14,6 +14,7 @@ __all__ = [
     "work_dtype",
     "balanced_factors",
     "spectral_factors",
+    "refactorization_maps",
     "kaiming_uniform_",
 ]
 
@@ -88,6 +89,42 @@ def balanced_factors(
     new_B = (u * b_scale).to(B.dtype)
     new_A = (a_scale[:, None] * v.T).to(A.dtype)
     return new_B, new_A, sigma.float()
+
+
+@torch.no_grad()
+def refactorization_maps(
+    B: torch.Tensor, A: torch.Tensor, new_B: torch.Tensor, new_A: torch.Tensor, *, null_tolerance: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The r×r maps that carry the factors' gradients into the coordinates of a refactorization.
+
+    A refactorization (:func:`balanced_factors`) replaces ``(B, A)`` by ``(B', A') = (B R, R⁻¹A)``
+    with the same product. The loss depends on the factors through the product only, so by the
+    chain rule ``∂L/∂B' = ∂L/∂B · R⁻ᵀ`` and ``∂L/∂A' = Rᵀ · ∂L/∂A``. ``R`` follows from the two
+    pairs by least squares (``B R = B'`` and ``R A' = A``)::
+
+        b_map = R⁻ᵀ = Bᵀ B' (B'ᵀ B')⁻¹        a_map = Rᵀ = (A' A'ᵀ)⁻¹ A' Aᵀ
+
+    so no r×r inverse of ``R`` itself is needed and the maps hold for any refactorization, not only
+    the balanced one (for which ``B'ᵀB' = A'A'ᵀ = Σ``).
+
+    Defined only where ``R`` is invertible, i.e. ``B A`` has rank r: when either Gram matrix has an
+    eigenvalue below ``null_tolerance`` times its largest (a direction of the product that is
+    numerically zero, which :func:`balanced_factors` fills with a unit-scale row of ``A'``), the
+    new coordinates do not determine the old ones and the result is ``None``.
+
+    Returns:
+        ``(b_map, a_map)`` in the factors' working precision (:func:`work_dtype`), or ``None``.
+    """
+    work = work_dtype(B.dtype)
+    B, A, new_B, new_A = (t.to(work) for t in (B, A, new_B, new_A))
+    gram_b, gram_a = new_B.T @ new_B, new_A @ new_A.T
+    for gram in (gram_b, gram_a):
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        if not bool(eigenvalues[0] > null_tolerance * eigenvalues[-1].clamp_min(torch.finfo(work).tiny)):
+            return None
+    b_map = torch.linalg.solve(gram_b, (B.T @ new_B).T).T.contiguous()  # (Bᵀ B') (B'ᵀB')⁻¹: the Gram is symmetric
+    a_map = torch.linalg.solve(gram_a, new_A @ A.T)
+    return b_map, a_map
 
 
 @torch.no_grad()

@@ -24,7 +24,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .linalg import refactorization_maps
 from .optim.reset import DEFAULT_RESET_MOMENTS, RESET_MOMENTS
+from .optim.rotation import rotate_moment
 from .wrap import lowrank_layers
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "RestartEvent",
     "jagged_cosine",
     "reset_optimizer_momentum",
+    "rotate_optimizer_momentum",
+    "rotation_blocker",
     "EVENTS",
     "RESETS",
     "DEFAULT_EVENT",
@@ -107,6 +111,38 @@ def reset_optimizer_momentum(optimizer: torch.optim.Optimizer, params: Iterable[
     return len(params)
 
 
+def rotation_blocker(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str | None:
+    """Why :func:`rotate_optimizer_momentum` cannot carry ``param``'s moments, or ``None`` when it can."""
+    if hasattr(optimizer, "rotation_blocker"):
+        return optimizer.rotation_blocker(param)
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return f"{type(optimizer).__name__} has no moments lowrank knows how to map (use ProjectedAdamW or torch AdamW)"
+    if any(group.get("amsgrad") for group in optimizer.param_groups if any(p is param for p in group["params"])):
+        return "amsgrad's running maximum of v has no image in new coordinates"
+    if _is_dtensor(param):
+        return "it is FSDP2-sharded: a map mixes the rows of A across ranks"
+    return None
+
+
+@torch.no_grad()
+def rotate_optimizer_momentum(optimizer: torch.optim.Optimizer, param: torch.Tensor, transform: torch.Tensor,
+                              dim: int) -> None:
+    """Carry ``param``'s Adam moments into coordinates where its gradient is ``G·T`` (``dim=1``) or
+    ``T·G`` (``dim=0``), :func:`lowrank.optim.rotation.rotate_moment`; the optimizer's own
+    ``rotate_momentum`` when it has one (:class:`lowrank.optim.ProjectedAdamW`), else torch
+    Adam/AdamW's ``exp_avg``/``exp_avg_sq`` in place. The step count goes on."""
+    blocker = rotation_blocker(optimizer, param)
+    if blocker is not None:
+        raise ValueError(f"cannot carry the moments of a parameter of shape {tuple(param.shape)}: {blocker}")
+    if hasattr(optimizer, "rotate_momentum"):
+        optimizer.rotate_momentum(param, transform, dim)
+        return
+    state = optimizer.state.get(param)
+    if state and "exp_avg" in state:
+        state["exp_avg"].copy_(rotate_moment(state["exp_avg"], transform, dim))
+        state["exp_avg_sq"].copy_(rotate_moment(state["exp_avg_sq"], transform, dim, squared=True))
+
+
 @dataclass
 class RestartEvent:
     """What a restart did: for logs and tests."""
@@ -116,6 +152,7 @@ class RestartEvent:
     layers: int
     reset_params: int
     mean_top_singular_value: float | None = None
+    rotated_params: int = 0
 
 
 class RestartController:
@@ -131,6 +168,12 @@ class RestartController:
        (``"factors"``: momentum reset without refactorization, the benchmark paper's ablation),
        of every parameter (``"all"``, SPAM's periodic reset) or of none;
     3. restarts the learning rate: a ``rewarmup_steps`` linear ramp inside the cosine envelope.
+
+    With ``rotate_moments`` the moments a reset keeps (``v`` with ``reset_moments="first"``, both
+    with ``reset="none"``) are carried into each refactorized layer's new coordinates
+    (:mod:`lowrank.optim.rotation`) instead of staying in the old ones; a layer whose product has
+    lost rank has no such map (:func:`lowrank.linalg.refactorization_maps`) and its factors' moments
+    are reset in full. A merge re-initialises the factors, so there is nothing to carry there.
 
     It also sets each parameter group's ``lr`` before every step (``base_lr × jagged_cosine``),
     so no separate LR scheduler can drift from the event clock; :meth:`lr_lambda` gives the same
@@ -150,6 +193,8 @@ class RestartController:
             disables restarts and leaves a plain warm-up + cosine schedule.
         event: one of :data:`EVENTS`.
         reset: one of :data:`RESETS`.
+        reset_moments: what a reset clears (:data:`lowrank.optim.reset.RESET_MOMENTS`).
+        rotate_moments: carry the kept moments through refactorizations (above).
         warmup_steps: initial linear warm-up.
         rewarmup_steps: linear re-warm-up after each restart (0: none).
         min_lr_ratio: floor of the cosine, as a fraction of the base learning rate.
@@ -173,6 +218,7 @@ class RestartController:
         event: str = DEFAULT_EVENT,
         reset: str = DEFAULT_RESET,
         reset_moments: str = DEFAULT_RESET_MOMENTS,
+        rotate_moments: bool = False,
         warmup_steps: int = 0,
         rewarmup_steps: int = 0,
         min_lr_ratio: float = DEFAULT_MIN_LR_RATIO,
@@ -214,6 +260,7 @@ class RestartController:
         self.event = event
         self.reset = reset
         self.reset_moments = reset_moments
+        self.rotate_moments = bool(rotate_moments)
         self.warmup_steps = warmup_steps
         self.rewarmup_steps = rewarmup_steps
         self.min_lr_ratio = min_lr_ratio
@@ -228,9 +275,32 @@ class RestartController:
             raise ValueError("reset='factors' needs a wrapped model (lowrank.wrap); this model has no LowRankLinear layers")
         if event == "merge" and any(layer.base_weight is None for layer in layers.values()):
             raise ValueError("event='merge' needs layers with a frozen base: wrap with LowRankConfig(keep_base=True)")
+        if rotate_moments:
+            self._check_rotation(layers)
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
         self._apply_lr()
+
+    def _check_rotation(self, layers: dict[str, nn.Module]) -> None:
+        """``rotate_moments`` needs refactorizations, kept moments and maps the optimizer can apply."""
+        if self.event in ("merge", "none"):
+            raise ValueError(f"rotate_moments carries moments through refactorizations, and event={self.event!r} "
+                             "has none: use event='refactorize' (or 'auto' on layers without a frozen base)")
+        if self.reset != "none" and self.reset_moments == "both":
+            raise ValueError("rotate_moments carries the moments a reset keeps, and reset_moments='both' keeps none: "
+                             "set reset_moments='first' (reset m, carry v) or reset='none' (carry both)")
+        for name, layer in layers.items():
+            if self._kind(layer) != "refactorize":
+                continue
+            for param in layer.factor_parameters():
+                blocker = rotation_blocker(self.optimizer, param) if param.requires_grad else None
+                if blocker is not None:
+                    raise ValueError(f"rotate_moments: cannot carry the moments of {name}'s factors: {blocker}; "
+                                     "turn rotate_moments off")
+
+    def _kind(self, layer: nn.Module) -> str:
+        """The event a layer gets: ``merge`` or ``refactorize``."""
+        return "merge" if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None) else "refactorize"
 
     # ------------------------------------------------------------------ schedule
 
@@ -273,8 +343,9 @@ class RestartController:
         changed: list[torch.Tensor] = []
         top_singular_values = []
         event = None
-        kinds = {name: "merge" if self.event == "merge" or (self.event == "auto" and layer.base_weight is not None)
-                 else "refactorize" for name, layer in layers.items()}
+        kinds = {name: self._kind(layer) for name, layer in layers.items()}
+        # rotate_moments: each refactorized layer's gradient maps (r×r), from its factors before and after
+        maps: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         # FSDP2 layers (DTensor factors): gathered, computed once on an owner rank, broadcast and
         # written back as shards, all layers in one pass (lowrank.distributed.fsdp).
         sharded = [name for name, layer in layers.items() if _is_dtensor(layer.A)]
@@ -290,14 +361,18 @@ class RestartController:
                     layer.merge()
                 event = "merge" if event in (None, "merge") else "mixed"
             else:
+                before = (layer.B.detach().clone(), layer.A.detach().clone()) if self.rotate_moments else None
                 sigma = results[name] if name in results else layer.refactorize()
+                if before is not None:
+                    maps[name] = refactorization_maps(*before, layer.B, layer.A)
                 top_singular_values.append(float(sigma[0]))
                 event = "refactorize" if event in (None, "refactorize") else "mixed"
             changed.extend(layer.factor_parameters())
             if layer.base_weight is not None:
                 changed.append(layer.base_weight)
         # DDP (plain tensors): every rank computed the event; make them bit-identical.
-        _broadcast_from_rank0([p for p in changed if not _is_dtensor(p)])
+        _broadcast_from_rank0([p for p in changed if not _is_dtensor(p)] +
+                              [t for pair in maps.values() if pair is not None for t in pair])
         if self.reset in ("changed", "factors"):
             if self.reset == "factors":
                 changed = [p for layer in lowrank_layers(self.model).values() for p in layer.factor_parameters()]
@@ -307,12 +382,25 @@ class RestartController:
             reset_count = reset_optimizer_momentum(self.optimizer, moments=self.reset_moments)
         else:
             reset_count = 0
+        rotated_count = 0
+        for name, pair in maps.items():
+            layer = layers[name]
+            trainable = [p for p in layer.factor_parameters() if p.requires_grad]
+            if pair is None:  # the product lost rank: the new coordinates have no map from the old ones
+                reset_optimizer_momentum(self.optimizer, trainable, "both")
+                continue
+            b_map, a_map = pair
+            for param, transform, dim in ((layer.B, b_map, 1), (layer.A, a_map, 0)):
+                if param.requires_grad:
+                    rotate_optimizer_momentum(self.optimizer, param, transform, dim)
+                    rotated_count += 1
         record = RestartEvent(
             step=self.num_steps,
             event=event or "none",
             layers=len(layers),
             reset_params=reset_count,
             mean_top_singular_value=sum(top_singular_values) / len(top_singular_values) if top_singular_values else None,
+            rotated_params=rotated_count,
         )
         self.history.append(record)
         self.num_restarts += 1

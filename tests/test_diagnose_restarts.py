@@ -41,7 +41,8 @@ def test_product_change_matches_the_dense_product_and_ignores_a_refactorization(
 @pytest.fixture(scope="module")
 def result(corpus, tmp_path_factory):
     folder = tmp_path_factory.mktemp("diagnose")
-    argv = ["--data", corpus["data"], "--tokenizer", corpus["tokenizer"], "--methods", "low_rank,low_rank_restarts,lowrank_sparse",
+    argv = ["--data", corpus["data"], "--tokenizer", corpus["tokenizer"], "--methods",
+            "low_rank,low_rank_restarts,lowrank_sparse,low_rank_restarts-rotate",
             "--model", "tiny", "--rank", "4", "--steps", str(STEPS), "--cycle", str(CYCLE), "--batch-size", "2",
             "--seq-len", "32", "--eval-tokens", "1024", "--work", str(folder / "work"), "--out", str(folder / "diag.json"),
             "--figure", str(folder / "diag.png"), "--threads", "0"]
@@ -92,6 +93,21 @@ def test_adam_direction_is_unit_right_after_a_reset(result):
     # without a reset the direction shrinks below 1 (momentum averages signs) and Adam's count runs on
     plain = data["methods"]["low_rank"]["series"]
     assert plain["adam_step"] == list(range(1, STEPS + 1)) and plain["adam_direction_rms"][-1] < 0.99
+
+
+def test_a_suite_variant_runs_with_its_overrides_and_its_remedy_shows(result):
+    """``low_rank_restarts-rotate`` (benchmarks/suites.py: reset m, carry v into the new basis): the
+    preset with the contender's overrides; after each event Adam's count goes on and the first
+    update is (1 − β₁)·g/√v̂-sized (m rebuilds from zero), not the sign(g) of a full reset."""
+    data, _ = result
+    variant = data["methods"]["low_rank_restarts-rotate"]
+    assert variant["settings"]["reset_moments"] == "first" and variant["settings"]["rotate_moments"]
+    assert variant["settings"]["overrides"]["restarts.rotate_moments"] is True
+    series = variant["series"]
+    for event_step in (4, 8):
+        assert series["adam_step"][event_step] == event_step + 1
+        assert series["adam_direction_rms"][event_step] < 0.5
+    assert any("reset of m (v rotated)" in sentence for sentence in data["sentences"])
 
 
 def test_sparse_momentum_updates_its_density(result):

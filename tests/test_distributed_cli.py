@@ -79,6 +79,9 @@ METHODS = {
     "lowrank_sparse": ["--method", "lowrank_sparse", "--rank", str(RANK), *RESTARTS],
     "relora": ["--method", "relora", "--rank", str(RANK), *RESTARTS],
 }
+# Moments carried through each refactorization (reset m, rotate v) under DDP, against one process.
+ROTATE = ["--method", "low_rank_restarts", "--rank", str(RANK), *RESTARTS, *FLAT, "--set", "restarts.reset_moments=first",
+          "--set", "restarts.rotate_moments=true"]
 EVENTS = {"low_rank_restarts": "refactorize", "lowrank_sparse": "refactorize", "relora": "merge"}
 
 ONEBIT_STEPS, ONEBIT_STOP, FREEZE = 10, 5, 3
@@ -259,6 +262,8 @@ class Runs:
             {"name": "dcp_stop", "argv": self.args_two("dcp_stop", *dcp, steps=STOP)},
             {"name": "dcp_resume", "argv": self.args_two("dcp_stop", *dcp, "--resume", "latest")},
             {"name": "ddp_galore", "argv": self.args_two("ddp_galore", *GALORE_DDP)},
+            {"name": "ddp_rotate", "argv": self.args_two("ddp_rotate", *ROTATE)},
+            {"name": "err_fsdp2_rotate", "argv": self.args_two("err_fsdp2_rotate", *ROTATE, "--strategy", "fsdp2")},
             {"name": "ddp_galore_projected", "argv": self.args_two("ddp_galore_projected", *GALORE_DDP, "--comm", "projected")},
             # a DDP checkpoint (one full state dict) resumed with --strategy fsdp2
             {"name": "err_fsdp2_from_ddp",
@@ -308,6 +313,9 @@ def runs(corpus, tmp_path_factory):
             t = time.perf_counter()
             assert cli.main(state.args_one(method, *extra)) == 0, method
             state.timings[f"one_{method}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert cli.main(state.args_one("rotate", *ROTATE)) == 0
+        state.timings["one_rotate"] = time.perf_counter() - t
         t = time.perf_counter()
         state.plain_fsdp2 = subprocess.run(
             [sys.executable, "-m", "lowrank", *state.args_one("err_plain_fsdp2", "--method", "low_rank", "--rank", str(RANK),
@@ -434,6 +442,20 @@ def test_comm_projected_equals_plain_ddp_and_sends_the_formula(runs, corpus, tmp
     assert between < refresh / 2  # projected steps send well under half
 
 
+def test_ddp_rotated_moments_match_one_process(runs, tmp_path):
+    """restarts.rotate_moments under DDP: every rank maps its moments with rank 0's maps (broadcast
+    with the factors), so the ranks stay identical and the run is one process's, within what the
+    first-moment reset at step 3 allows (assert_losses_agree)."""
+    two, one = runs.two("ddp_rotate"), runs.one("rotate")
+    assert runs.record("ddp_rotate")["rc"] == 0 and runs.record("ddp_rotate", 1)["rc"] == 0
+    for run in (two, one):  # both refactorizations (steps 3, 6) carried every factor's v: 2 per layer, 14 layers
+        events = [r for r in records(run) if "event" in r]
+        assert [(r["step"], r["rotated_params"]) for r in events] == [(3, 28), (6, 28)], events
+    assert_losses_agree(two, one, reset_at=CYCLE)
+    assert len(set(summary(two)["parameter_hashes"])) == 1
+    assert_weights_agree(dense_weights(two, tmp_path), dense_weights(one, tmp_path), one, reset=True)
+
+
 # ---------------------------------------------------------------------- --comm powersgd
 
 
@@ -540,12 +562,13 @@ def test_bad_distributed_input_is_one_line_from_rank_0_with_exit_2(runs):
         "err_onebit_galore": "--comm onebit cannot serve method galore",
         "err_projected_low_rank": "--comm projected sends GaLore-style projected gradients",
         "err_fsdp2_from_ddp": "was written without --strategy fsdp2",
+        "err_fsdp2_rotate": "sets restarts.rotate_moments, which --strategy fsdp2 cannot serve",
     }
     for name, message in cases.items():
         one_line_error(runs.record(name, 0), message)
         other = runs.record(name, 1)
         assert other["rc"] == 2 and "error" not in other["stderr"], other  # rank 1 exits 2 and says nothing
-    for name in ("err_onebit_galore", "err_projected_low_rank", "err_fsdp2_from_ddp"):
+    for name in ("err_onebit_galore", "err_projected_low_rank", "err_fsdp2_from_ddp", "err_fsdp2_rotate"):
         assert not runs.two(name).exists()  # refused before anything was written
     plain = runs.plain_fsdp2  # --strategy fsdp2 in a plain process (no torchrun)
     one_line_error({"rc": plain.returncode, "stderr": plain.stderr}, "--strategy fsdp2 shards the model over the ranks")

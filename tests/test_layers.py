@@ -279,3 +279,41 @@ def test_float64_layers_keep_their_precision(mode):
     before = layer.dense_weight()
     layer.merge()
     torch.testing.assert_close(layer.dense_weight(), before, rtol=1e-13, atol=1e-13)
+
+
+def test_refactorization_maps_carry_the_factors_gradients():
+    """After B' = B R, A' = R⁻¹A the chain rule gives ∂L/∂B' = ∂L/∂B·R⁻ᵀ and ∂L/∂A' = Rᵀ·∂L/∂A, for any
+    loss of the product (here a non-linear one); the two maps are R⁻ᵀ and Rᵀ, so b_mapᵀ·a_mapᵀ = I."""
+    from lowrank.linalg import refactorization_maps
+
+    torch.manual_seed(2)
+    B, A, target = (torch.randn(40, 6, dtype=torch.float64), torch.randn(6, 24, dtype=torch.float64),
+                    torch.randn(40, 24, dtype=torch.float64))
+
+    def gradients(b, a):
+        b, a = b.clone().requires_grad_(), a.clone().requires_grad_()
+        ((b @ a).tanh() * target).sum().backward()
+        return b.grad, a.grad
+
+    new_B, new_A, _ = balanced_factors(B, A)
+    b_map, a_map = refactorization_maps(B, A, new_B, new_A)
+    (g_b, g_a), (new_g_b, new_g_a) = gradients(B, A), gradients(new_B, new_A)
+    # fp64: the maps come from r×r solves of well-conditioned Grams (σ of a Gaussian product), ~1e-14 here
+    torch.testing.assert_close(g_b @ b_map, new_g_b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a_map @ g_a, new_g_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b_map.T @ a_map.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    # fp32 factors: the maps in fp32 (work_dtype), the same identity to fp32 rounding
+    b32, a32 = refactorization_maps(B.float(), A.float(), new_B.float(), new_A.float())
+    assert b32.dtype == torch.float32 and b32.is_contiguous()
+    torch.testing.assert_close(b32.double(), b_map, rtol=1e-4, atol=1e-5)
+
+
+def test_refactorization_maps_are_undefined_when_the_product_lost_rank():
+    """B = 0 (a fresh ReLoRA factor) or a zero column: the new coordinates say nothing about the old ones."""
+    from lowrank.linalg import refactorization_maps
+
+    torch.manual_seed(3)
+    A = torch.randn(4, 12)
+    for B in (torch.zeros(10, 4), torch.randn(10, 4) * torch.tensor([1.0, 1.0, 0.0, 1.0])):
+        new_B, new_A, _ = balanced_factors(B, A)
+        assert refactorization_maps(B, A, new_B, new_A) is None

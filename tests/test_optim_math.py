@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lowrank.optim import ProjectedAdamW
@@ -146,3 +147,58 @@ def test_reset_keeps_the_projector_clock():
     # 9 steps: bases at steps 0, 4, 8; resets before steps 3 and 6 (after 3 and 6 steps).
     assert state["projector_updates"] == 3 and state["resets"] == 2 and state["step"] == 3
     assert state["total_step"] == 9
+
+
+def test_rotate_moment_maps_the_first_moment_exactly_and_v_exactly_under_a_scaled_permutation():
+    """m is linear in the gradients: rotating the average = averaging the rotated gradients, for any map.
+    v averages squares: exact when the map is a scaled permutation (no two coordinates mix)."""
+    from lowrank.optim.rotation import rotate_moment
+
+    torch.manual_seed(4)
+    gradients = torch.randn(5, 12, 3, dtype=torch.float64)  # five steps of a 12×3 factor (B-like)
+    weights = 0.9 ** torch.arange(5, 0, -1, dtype=torch.float64)  # an EMA's weights
+
+    def average(gs, square=False):
+        return sum(w * (g.square() if square else g) for w, g in zip(weights, gs))
+
+    general = torch.randn(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(rotate_moment(average(gradients), general, dim=1), average(gradients @ general))
+    torch.testing.assert_close(rotate_moment(average(gradients.mT), general, dim=0), average(general @ gradients.mT))
+    scaled_permutation = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, -0.5], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    for dim, gs, mapped in ((1, gradients, gradients @ scaled_permutation), (0, gradients.mT, scaled_permutation @ gradients.mT)):
+        v = rotate_moment(average(gs, square=True), scaled_permutation, dim=dim, squared=True)
+        torch.testing.assert_close(v, average(mapped, square=True))
+    # a general map: the diagonal of the mapped second moments if the old coordinates were uncorrelated
+    v = rotate_moment(average(gradients, square=True), general, dim=1, squared=True)
+    torch.testing.assert_close(v, average(gradients, square=True) @ general.square())
+    assert (v >= 0).all()
+    moment32 = average(gradients).float()
+    assert rotate_moment(moment32, general, dim=1).dtype == torch.float32  # computed in the map's fp64, stored back
+    with pytest.raises(ValueError, match="dim 0 has 12 entries"):
+        rotate_moment(average(gradients), general, dim=0)
+
+
+def test_projected_adamw_rotates_low_bit_moments_through_their_decoding():
+    """8-bit moments: decoded, mapped, encoded. The result differs from mapping the decoded values
+    exactly by at most one requantization: half the widest gap of the code book times the block's scale."""
+    from lowrank.optim import lowbit
+
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(128, 64))  # 8192 entries: quantized (>= 4096)
+    optimizer = ProjectedAdamW([p], lr=1e-3, state_bits=8)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        optimizer.step()
+    state = optimizer.state[p]
+    m, v, quantized = optimizer._moments(p, optimizer.param_groups[0], state, p.shape)
+    assert quantized
+    transform = torch.eye(64) + 0.1 * torch.randn(64, 64)
+    expected = {"exp_avg": m @ transform, "exp_avg_sq": v @ transform.square()}
+    optimizer.rotate_momentum(p, transform, dim=1)
+    m_new, v_new, _ = optimizer._moments(p, optimizer.param_groups[0], state, p.shape)
+    for key, value in (("exp_avg", m_new), ("exp_avg_sq", v_new)):
+        book = lowbit.code_book(8, key == "exp_avg")
+        half_gap = float((book[1:] - book[:-1]).max()) / 2
+        scale = state[f"{key}_absmax"].repeat_interleave(256)[: p.numel()].view(p.shape)
+        assert ((value - expected[key]).abs() <= half_gap * scale + 1e-7).all(), key
+    assert state["step"] == 3  # bias correction goes on

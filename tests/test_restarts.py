@@ -206,3 +206,79 @@ def test_reset_of_the_first_moment_only_keeps_v_and_the_bias_correction(optimize
     torch.testing.assert_close(p.detach(), before - lr * m_hat / (v_hat.sqrt() + 1e-8), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="reset_moments must be one of both, first"):
         RestartController(model, optimizer, total_steps=5, cycle_length=2, reset_moments="second")
+
+
+def factor_pairs(model):
+    return [(layer.B, layer.A) for layer in lowrank.lowrank_layers(model).values()]
+
+
+@pytest.mark.parametrize("optimizer_cls", [ProjectedAdamW, torch.optim.AdamW])
+@pytest.mark.parametrize("reset, reset_moments", [("none", "both"), ("changed", "first")])
+def test_rotate_moments_carries_the_kept_moments_into_the_refactorized_coordinates(optimizer_cls, reset, reset_moments):
+    """rotate_moments: each refactorized layer's kept moments become m·T, v·(T∘T) for B and T·m,
+    (T∘T)·v for A, with T the layer's gradient maps (lowrank.linalg.refactorization_maps) from its
+    factors before and after; reset_moments='first' zeroes m first. Step counts go on."""
+    from lowrank.linalg import refactorization_maps
+
+    model, optimizer, controller, factors, _ = wrapped_with_controller(
+        optimizer_cls, event="refactorize", reset=reset, reset_moments=reset_moments, rotate_moments=True)
+    ids = tokens(2, 16)
+    train_steps(model, optimizer, controller, 2, ids)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = {id(p): (p.detach().clone(), *(m.clone() for m in moments(optimizer, p)), int(optimizer.state[p]["step"]))
+              for p in factors}
+    event = controller.step()
+    assert event is not None and event.event == "refactorize" and event.rotated_params == len(factors)
+    for B, A in factor_pairs(model):
+        b_map, a_map = refactorization_maps(before[id(B)][0], before[id(A)][0], B.detach(), A.detach())
+        for param, expected_m, expected_v in (
+                (B, before[id(B)][1] @ b_map, before[id(B)][2] @ b_map.square()),
+                (A, a_map @ before[id(A)][1], a_map.square() @ before[id(A)][2])):
+            m, v = moments(optimizer, param)
+            if reset_moments == "first":
+                assert torch.count_nonzero(m) == 0
+            else:
+                torch.testing.assert_close(m, expected_m, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(v, expected_v, rtol=1e-5, atol=1e-12)
+            assert int(optimizer.state[param]["step"]) == before[id(param)][3]
+
+
+def test_rotate_moments_resets_a_layer_whose_product_lost_rank():
+    """A zero column of B: no map from the new coordinates to the old, so that layer's moments are
+    reset in full (and its step count restarts) while the other layers' are carried."""
+    model, optimizer, controller, factors, _ = wrapped_with_controller(ProjectedAdamW, reset_moments="first",
+                                                                       rotate_moments=True)
+    ids = tokens(2, 16)
+    train_steps(model, optimizer, controller, 2, ids)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    (B, A), *others = factor_pairs(model)
+    with torch.no_grad():
+        B[:, 0] = 0.0
+    event = controller.step()
+    assert event.rotated_params == len(factors) - 2
+    for param in (B, A):
+        assert all(torch.count_nonzero(m) == 0 for m in moments(optimizer, param))
+        assert optimizer.state[param]["step"] == 0
+    assert all(torch.count_nonzero(moments(optimizer, b)[1]) > 0 for b, _ in others)
+
+
+def test_rotate_moments_refuses_what_it_cannot_serve():
+    model = lowrank.wrap(build("llama"), LowRankConfig(rank=4))
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="reset_moments='both' keeps none"):
+        RestartController(model, adamw, total_steps=10, rotate_moments=True)
+    with pytest.raises(ValueError, match="event='none' has none"):
+        RestartController(model, adamw, total_steps=10, event="none", reset="none", rotate_moments=True)
+    with pytest.raises(ValueError, match="amsgrad's running maximum"):
+        RestartController(model, torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True), total_steps=10,
+                          reset="none", rotate_moments=True)
+    with pytest.raises(ValueError, match=r"moments are sparse \(density=0.5\)"):
+        RestartController(model, ProjectedAdamW(model.parameters(), lr=1e-3, density=0.5), total_steps=10,
+                          reset_moments="first", rotate_moments=True)
+    with pytest.raises(ValueError, match="SGD has no moments"):
+        RestartController(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, reset="none",
+                          rotate_moments=True)

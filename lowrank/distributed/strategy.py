@@ -37,7 +37,7 @@ COMMS = ("none", "bf16", "fp16", "powersgd", "projected", "onebit")
 
 
 def check_comm(comm: str, strategy: str, method) -> None:
-    """What ``--comm`` can serve, decided from the method before any work (one-line errors)."""
+    """What ``--comm`` and ``--strategy`` can serve, decided from the method before any work (one-line errors)."""
     if comm not in COMMS:
         raise UsageError(f"--comm must be one of {', '.join(COMMS)}, got {comm!r}")
     if strategy not in STRATEGIES:
@@ -45,6 +45,10 @@ def check_comm(comm: str, strategy: str, method) -> None:
     if comm != "none" and strategy != "ddp":
         raise UsageError(f"--comm {comm} is a DDP communication hook; FSDP2 reduce-scatters its gradients itself: "
                          "drop --comm or use --strategy ddp")
+    if strategy == "fsdp2" and method.restarts is not None and method.restarts.rotate_moments:
+        raise UsageError(f"method {method.name} sets restarts.rotate_moments, which --strategy fsdp2 cannot serve: a "
+                         "factor map mixes the rows of A, which FSDP2 shards over the ranks; use --strategy ddp, or "
+                         "--set restarts.rotate_moments=false")
     matrix = method.optimizer.matrix
     if comm == "projected":
         if matrix.get("projection") not in ("svd", "randomized"):

@@ -186,6 +186,7 @@ def build_controller(
             event=restarts.event if restarts and layer_events else "none",
             reset=restarts.reset if restarts and layer_events else "none",
             reset_moments=restarts.reset_moments if restarts else DEFAULT_RESET_MOMENTS,
+            rotate_moments=bool(restarts and layer_events and restarts.rotate_moments),
             warmup_steps=method.warmup_steps(total_steps),
             rewarmup_steps=restarts.rewarmup_steps if restarts else 0,
             min_lr_ratio=method.schedule.min_lr_ratio,

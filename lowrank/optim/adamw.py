@@ -30,6 +30,7 @@ from .options import (  # noqa: F401  (re-exported: lowrank.optim.adamw was thei
 )
 from .projection import projector_refresh_due  # noqa: F401  (re-exported, as above)
 from .reset import DEFAULT_RESET_MOMENTS, init_counters, reset_state_, scheduled_reset_due, warmup_factor
+from .rotation import rotate_moment
 from .shard import (RowShard, dense_rows, hold_local_, is_sharded, local, replicated_moments, resize_slice_,
                     sparse_rows)
 from .spikes import stable_spam
@@ -219,6 +220,43 @@ class ProjectedAdamW(Optimizer):
             state = self.state.get(p)
             if state and "exp_avg" in state:
                 self._reset(p, state, moments)
+
+    def rotation_blocker(self, p: torch.Tensor) -> str | None:
+        """Why :meth:`rotate_momentum` cannot carry ``p``'s moments, or ``None`` when it can: only
+        moments shaped like a (whole, 2-D) ``p`` have coordinates a factor map acts on."""
+        group = self._group_of(p)
+        if p.dim() != 2:
+            return f"a {p.dim()}-D parameter has no factor coordinates"
+        if group["projection"] is not None:
+            return f"its moments are projected (projection={group['projection']!r}): they live in the projector's basis"
+        if group["density"] < 1.0:
+            return f"its moments are sparse (density={group['density']}): a map mixes entries outside the subset"
+        if is_sharded(p):
+            return "it is FSDP2-sharded: a map mixes the rows of A across ranks"
+        return None
+
+    @torch.no_grad()
+    def rotate_momentum(self, p: torch.Tensor, transform: torch.Tensor, dim: int) -> None:
+        """Carry ``p``'s moments into coordinates where its gradient is ``G·T`` (``dim=1``) or ``T·G``
+        (``dim=0``), e.g. after a refactorization (:func:`lowrank.linalg.refactorization_maps`),
+        instead of resetting them: :func:`lowrank.optim.rotation.rotate_moment`. Low-bit moments are
+        decoded, mapped and encoded again. Bias correction and the other counters go on. A parameter
+        that has not stepped has nothing to carry; one whose layout has no such coordinates
+        (:meth:`rotation_blocker`) is a ``ValueError``."""
+        blocker = self.rotation_blocker(p)
+        if blocker is not None:
+            raise ValueError(f"rotate_momentum: cannot carry the moments of a parameter of shape {tuple(p.shape)}: "
+                             f"{blocker}; reset them instead (reset_momentum)")
+        group, state = self._group_of(p), self.state.get(p)
+        if not state or "exp_avg" not in state:
+            return
+        m, v, quantized = self._moments(p, group, state, p.shape)
+        rotated = (rotate_moment(m, transform, dim), rotate_moment(v, transform, dim, squared=True))
+        if quantized:
+            self._store_moments(group, state, rotated)
+        else:
+            m.copy_(rotated[0])
+            v.copy_(rotated[1])
 
     def state_bytes(self) -> StateBytes:
         """Exact tensor bytes in ``self.state``, in total and per parameter group."""

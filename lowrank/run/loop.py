@@ -477,7 +477,8 @@ class Trainer:
                 if self.event is not None:
                     event = self.event
                     logger.log({"step": self.step, "tokens": tokens, "event": event.event, "layers": event.layers,
-                                "reset_params": event.reset_params, "mean_top_singular_value": event.mean_top_singular_value})
+                                "reset_params": event.reset_params, "rotated_params": event.rotated_params,
+                                "mean_top_singular_value": event.mean_top_singular_value})
             if self.step == self.phase.end and self.phase is not self.phases[-1]:
                 self._enter(self.phase_at(self.step))
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == self.total_steps:

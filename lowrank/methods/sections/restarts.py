@@ -14,12 +14,15 @@ from .base import SectionView, _Check
 class RestartsSection(SectionView):
     """The restart clock (:class:`~lowrank.restarts.RestartController`): every ``cycle_length``
     steps a layer ``event`` and a momentum ``reset`` (of ``reset_moments``: both of Adam's moments, or
-    only the first, :data:`lowrank.optim.reset.RESET_MOMENTS`), then an LR re-warm-up of ``rewarmup_steps``."""
+    only the first, :data:`lowrank.optim.reset.RESET_MOMENTS`), then an LR re-warm-up of ``rewarmup_steps``.
+    ``rotate_moments``: carry the moments the reset keeps into the refactorized coordinates
+    (:mod:`lowrank.optim.rotation`) instead of leaving them in the old ones."""
 
     cycle_length: int
     event: str = DEFAULT_EVENT
     reset: str = DEFAULT_RESET
     reset_moments: str = DEFAULT_RESET_MOMENTS
+    rotate_moments: bool = False
     rewarmup_steps: int = 0
 
     NAME = "restarts"
@@ -28,6 +31,7 @@ class RestartsSection(SectionView):
         "event": _Check.choice(EVENTS),
         "reset": _Check.choice(RESETS),
         "reset_moments": _Check.choice(RESET_MOMENTS),
+        "rotate_moments": _Check.flag(),
         "rewarmup_steps": _Check.integer(0),
     }
 
