@@ -104,7 +104,8 @@ def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
         "low_rank": _record("low_rank", "ours", 103.0, 250, tps=900.0),
         "sltrain": _record("sltrain", "ours", 120.0, 200),
     }
-    lines = report.targets({"results": results, "settings": {"model": "llama_60m"}})
+    sweeps = {name: [{"lr": 1e-3}, {"lr": 2e-3}] for name in ("adamw", "galore-torch", "fira")}
+    lines = report.targets({"results": results, "settings": {"model": "llama_60m"}, "sweeps": sweeps})
     assert lines[0].startswith("Our best memory-efficient contender here is `low_rank` (val ppl 103.00")
     galore, fira, adamw, speed = lines[1:]
     assert "103.00 vs 104.00 (met)" in galore and "250.0 vs 300.0 MiB (met)" in galore
@@ -112,6 +113,11 @@ def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
     assert "1.030× (met)" in adamw
     assert "0.90× (**not met**" in speed
     assert report.targets({"results": {"adamw": results["adamw"]}, "settings": {"model": "x"}}) == []
+    # peers run at one lr (cpu-small): no perplexity verdict against them, and a line saying why
+    lines = report.targets({"results": results, "settings": {"model": "llama_60m"}, "sweeps": {"fira": sweeps["fira"]}})
+    assert not any("vs 104.00" in line or "within 10 %" in line for line in lines)  # galore-torch's, adamw's
+    assert any("vs `fira`: perplexity 103.00 vs 102.00" in line for line in lines)  # fira was swept
+    assert lines[-1].startswith("- perplexity against `galore-torch`, `adamw`: not judged, each ran at one lr")
 
 def test_eight_bit_cost_is_taken_at_the_same_lr():
     """An 8-bit contender is compared with its base's run at the same lr, not with the base's best."""
@@ -216,10 +222,24 @@ def test_claims_are_decided_only_when_seed_ranges_separate():
     lines = report.evidence({"results": results})
     assert "plain low-rank (arXiv 2505.22922): **holds** — `low_rank_restarts` 106.00 (105.00–107.00)" in lines[1]
     assert "Full-rank training remains best: **holds**" in lines[3]
+    # the full-rank family's better member (the fair split baseline) is what the claim compares
+    split = _seeded("adamw-split", "ours", [95, 96, 97], 400)
+    lines = report.evidence({"results": {**results, "adamw-split": split}})
+    assert "remains best: **holds** — `adamw-split` 96.00 (95.00–97.00) (the better of `adamw`, `adamw-split`) " \
+           "vs the best other, `low_rank_restarts`" in lines[3]
     combined = {"results": results, "ablation": {"base": "low_rank", "rows": {
         "low_rank_reset": {**_seeded("low_rank_reset", "ours", [121, 121]), "complete": True}}}}
     rows = report.ablation_table(combined)
     assert rows[-1] == "| `low_rank_reset` |  | ✓ | 200 | 121.00 | +9.0 % |"
+    # the reset remedies: a row each, and a verdict against the full reset at the same setting
+    combined["ablation"]["rows"].update({
+        name: {**_seeded(name, "ours", values), "complete": True} for name, values in (
+            ("low_rank_restarts", [105, 106]), ("low_rank_restarts-rotate", [101, 102]), ("low_rank_restarts-first", [104, 107]))})
+    rows = report.ablation_table(combined)
+    assert "| `low_rank_restarts-rotate` | ✓ | m only (v rotated) | 200 | 101.50 (101.00–102.00) | -8.6 % |" in rows
+    lines = report.evidence(combined)
+    assert "- Reset remedy `low_rank_restarts-rotate` (m only (v rotated)) beats the full reset: **holds**" in lines[-1]
+    assert "`low_rank_restarts-first` (m only (v kept)) beats the full reset: **not decided (seed ranges overlap)**" in lines[-2]
 
 
 def test_gpu_quick_script_dry_run(corpus):
