@@ -43,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_info  # noqa: E402
+from peers import PROJECTED_PEERS, build_peer  # noqa: E402
 from plan import STAGES, RunSpec, plan  # noqa: E402
 from suites import CONTENDERS, PLAN_FIELDS, SUITES, Contender, Suite  # noqa: E402
 
@@ -80,12 +81,13 @@ def scaled_overrides(contender: Contender, suite: Suite) -> dict[str, Any]:
 def has_ratio(contender: Contender) -> bool:
     """Whether the contender has a ``matrix`` group of ours whose lr ratio can be swept: the
     low-rank family (presets with a ``lowrank`` section) and a dense preset whose hidden matrices
-    are a group of their own (``optimizer.target_modules``: the fair full-rank baseline); not
-    peers, nor projected-gradient presets (their matrices' lr is the published ``scale``)."""
+    are a group of their own (``optimizer.target_modules``: the fair full-rank baseline), and the
+    peers with a group of projected matrices (GaLore, Fira, APOLLO: ``peers.PROJECTED_PEERS``); not
+    our projected-gradient presets (their matrices' lr is the published ``scale``)."""
     from lowrank.methods import load_method
 
     if contender.peer is not None:
-        return False
+        return contender.peer in PROJECTED_PEERS
     method = load_method(contender.preset, dict(contender.overrides))
     return method.lowrank is not None or (method.optimizer.target_modules is not None
                                           and not method.optimizer.matrix.get("projection"))
@@ -109,8 +111,13 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
     training = {k: v for k, v in asdict(suite).items() if k not in PLAN_FIELDS}
     overrides = scaled_overrides(contender, suite)
     overrides.update(dict(contender.overrides))
-    if spec.ratio is not None:
-        overrides["optimizer.matrix_lr_ratio"] = spec.ratio
+    ratio = spec.ratio
+    if contender.peer is not None:
+        # a peer's ratio goes to its own parameter groups (run_one), not into our preset; at 1 it
+        # is the peer as published, with the settings (and hash) its runs had before peers had one
+        ratio = None if ratio == 1.0 else ratio
+    elif ratio is not None:
+        overrides["optimizer.matrix_lr_ratio"] = ratio
     method = preset_as_written(contender.preset, {**overrides, "optimizer.lr": spec.lr})
     return {
         "suite": suite_name,
@@ -118,7 +125,7 @@ def run_settings(suite_name: str, suite: Suite, spec: RunSpec, data: str) -> dic
         "contender": spec.contender,
         "definition": contender.definition(),
         "lr": spec.lr,
-        "matrix_lr_ratio": spec.ratio,
+        "matrix_lr_ratio": ratio,
         "seed": spec.seed,
         "overrides": overrides,
         "method": method,
@@ -173,13 +180,12 @@ def run_one(settings: dict[str, Any], out_json: Path, work: Path) -> None:
     contender = CONTENDERS[settings["contender"]]
     factory = None
     if contender.peer is not None:
-        from peers import build_peer
-
         def factory(model, method):
             options = method.optimizer
             return build_peer(contender.peer, model, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay,
                               rank=suite.rank,
-                              update_proj_gap=contender.cycle or suite.cycle, scale=contender.peer_scale or 0.25)
+                              update_proj_gap=contender.cycle or suite.cycle, scale=contender.peer_scale or 0.25,
+                              matrix_lr_ratio=settings["matrix_lr_ratio"] or 1.0)
 
     run_dir = work / settings["suite"] / out_json.stem
     marker = run_dir / "settings_hash"

@@ -312,3 +312,29 @@ def test_report_compares_bf16_storage_with_fp32_at_the_same_lr():
     assert lines[1:] == [
         "- `x-bf16-nearest` (nearest rounding) vs `x-fp32` (fp32) at lr 0.003: val ppl 110.00 vs 100.00 (+10.0 %).",
         "- `x-bf16` (stochastic rounding) vs `x-fp32` (fp32) at lr 0.003: val ppl 101.00 vs 100.00 (+1.0 %)."]
+
+
+def test_projected_peers_get_the_matrix_lr_split_and_keep_their_published_runs():
+    """GaLore / Fira take parameter groups, so their projected matrices can run at lr × ratio like our
+    presets' (issue 21's fair comparison). At ratio 1 a run's settings (and hash) are those of the
+    runs made before peers had a ratio; other ratios go to the peer's groups, not into our preset."""
+    from peers import build_peer
+    from plan import RunSpec
+    from tiny_models import build
+
+    assert compare.has_ratio(CONTENDERS["galore-torch"]) and compare.has_ratio(CONTENDERS["fira"])
+    assert not compare.has_ratio(CONTENDERS["adamw"]) and not compare.has_ratio(CONTENDERS["adamw8bit"])
+    suite = SUITES["cpu-long"]
+    published = compare.run_settings("cpu-long", suite, RunSpec(0, "galore-torch", 5e-3, 1.0, 0), "data")
+    assert published["matrix_lr_ratio"] is None and "optimizer.matrix_lr_ratio" not in published["overrides"]
+    assert compare.settings_hash(published) == compare.settings_hash(
+        compare.run_settings("cpu-long", suite, RunSpec(0, "galore-torch", 5e-3, None, 0), "data"))
+    split = compare.run_settings("cpu-long", suite, RunSpec(2, "galore-torch", 5e-3, 2.0, 0), "data")
+    assert split["matrix_lr_ratio"] == 2.0 and "optimizer.matrix_lr_ratio" not in split["overrides"]
+    model = build("llama")
+    for peer in ("galore-torch", "fira"):
+        optimizer = build_peer(peer, model, lr=1e-3, rank=4, matrix_lr_ratio=2.0)
+        assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 2e-3]
+        assert all("rank" in group for group in optimizer.param_groups[1:])
+    with pytest.raises(ValueError, match="'adamw' has one parameter group"):
+        build_peer("adamw", model, lr=1e-3, matrix_lr_ratio=2.0)
