@@ -32,7 +32,7 @@ from torch import nn
 from .errors import UsageError
 from .seeding import STREAM_BF16_ROUNDING, device_generator
 
-__all__ = ["PARAM_DTYPES", "ROUNDINGS", "PRECISIONS", "param_dtype", "compute_dtype", "store_parameters", "compute_in",
+__all__ = ["PARAM_DTYPES", "step_dtype", "ROUNDINGS", "PRECISIONS", "param_dtype", "compute_dtype", "store_parameters", "compute_in",
            "linear", "embedding", "round_to_bf16", "stochastic_round_to_bf16", "step_from_bf16", "step_bf16",
            "rounding_generator"]
 
@@ -230,6 +230,12 @@ def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | N
         rounded = torch.where(torch.isfinite(piece), rounded, piece)
         out[start : start + ROUND_CHUNK] = rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
     return result
+
+
+def step_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype the optimizer steps a parameter stored in ``storage`` in, and creates its state in:
+    fp32 for half-precision storage (:func:`step_from_bf16` updates an fp32 copy), else ``storage``."""
+    return torch.float32 if storage in (torch.bfloat16, torch.float16) else storage
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from ..optim import working_set
 from ..optim.adam import foreach_chunks
 from ..optim.adamw import FOREACH_CHUNK_NUMEL, multi_tensor_step
 from ..optim.layout import local_numel
+from ..precision import step_dtype
 
 __all__ = ["MemoryEstimate", "estimate", "largest_gradient_bytes", "optimizer_state_layout", "step_working_set"]
 
@@ -184,8 +185,7 @@ def estimate(
         detail = adamw8bit_state_bytes(p for p in model.parameters() if p.requires_grad)
         extra = 0
     else:
-        # lowrank pretrain steps parameters stored in bf16 (or fp16) in fp32 (lowrank.precision.step_bf16)
-        detail, extra = optimizer_state_layout(optimizer, step_dtype=torch.float32)
+        detail, extra = optimizer_state_layout(optimizer, step_dtype=step_dtype(weight_dtype))
     counts = count_parameters(model)
     shard = (0, world_size) if world_size > 1 else None
     working = None if optimizer is None else step_working_set(optimizer, weight_dtype, rounding=rounding,
@@ -267,8 +267,8 @@ def step_working_set(optimizer: torch.optim.Optimizer, weight_dtype: torch.dtype
     if type(optimizer) is torch.optim.AdamW:
         return working_set.torch_adamw_foreach_bytes(
             [[p for p in group["params"] if p.requires_grad] for group in optimizer.param_groups])
-    in_fp32 = weight_dtype != torch.float32
-    step_dtype = torch.float32 if in_fp32 else weight_dtype
+    stepped_in = step_dtype(weight_dtype)
+    in_fp32 = stepped_in != weight_dtype  # a copy per parameter, one at a time (never batched)
     largest = 0
     for group in optimizer.param_groups:
         plain = []  # batched by step() with torch._foreach_* kernels (never from bf16: one at a time)
@@ -278,12 +278,12 @@ def step_working_set(optimizer: torch.optim.Optimizer, weight_dtype: torch.dtype
             if group.get("use_muon"):
                 own = working_set.muon_step_bytes(shape)
             else:
-                own = working_set.projected_adamw_step_bytes(shape, group, step_dtype=step_dtype, shard=shard)
+                own = working_set.projected_adamw_step_bytes(shape, group, step_dtype=stepped_in, shard=shard)
                 if not in_fp32 and multi_tensor_step(len(shape), numel, group, device.type):
                     plain.append(p)
             during, rounding_pass = working_set.bf16_step_bytes(numel, weight_dtype, rounding)
             largest = max(largest, own + during, rounding_pass)
-        size = (group["state_dtype"] or step_dtype).itemsize if not group.get("use_muon") else 0
+        size = (group["state_dtype"] or stepped_in).itemsize if not group.get("use_muon") else 0
         for chunk in foreach_chunks(plain, FOREACH_CHUNK_NUMEL):  # the denominators of a chunk at once
             largest = max(largest, size * sum(local_numel(tuple(p.shape), *(shard or (0, 1))) for p in chunk))
     return largest
