@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .linalg import refactorization_maps
+from .linalg import refactorization_maps, work_dtype
 from .optim.reset import DEFAULT_RESET_MOMENTS, RESET_MOMENTS
 from .optim.rotation import rotate_moment
 from .wrap import lowrank_layers
@@ -345,7 +345,7 @@ class RestartController:
         event = None
         kinds = {name: self._kind(layer) for name, layer in layers.items()}
         # rotate_moments: each refactorized layer's gradient maps (r×r), from its factors before and after
-        maps: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        maps: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # FSDP2 layers (DTensor factors): gathered, computed once on an owner rank, broadcast and
         # written back as shards, all layers in one pass (lowrank.distributed.fsdp).
         sharded = [name for name, layer in layers.items() if _is_dtensor(layer.A)]
@@ -364,15 +364,15 @@ class RestartController:
                 before = (layer.B.detach().clone(), layer.A.detach().clone()) if self.rotate_moments else None
                 sigma = results[name] if name in results else layer.refactorize()
                 if before is not None:
-                    maps[name] = refactorization_maps(*before, layer.B, layer.A)
+                    maps[name] = _defined_maps(refactorization_maps(*before, layer.B, layer.A), layer.A)
                 top_singular_values.append(float(sigma[0]))
                 event = "refactorize" if event in (None, "refactorize") else "mixed"
             changed.extend(layer.factor_parameters())
             if layer.base_weight is not None:
                 changed.append(layer.base_weight)
         # DDP (plain tensors): every rank computed the event; make them bit-identical.
-        _broadcast_from_rank0([p for p in changed if not _is_dtensor(p)] +
-                              [t for pair in maps.values() if pair is not None for t in pair])
+        # ...and the maps and whether each exists, so all ranks carry (or reset) the same moments the same way
+        _broadcast_from_rank0([p for p in changed if not _is_dtensor(p)] + [t for triple in maps.values() for t in triple])
         if self.reset in ("changed", "factors"):
             if self.reset == "factors":
                 changed = [p for layer in lowrank_layers(self.model).values() for p in layer.factor_parameters()]
@@ -383,13 +383,12 @@ class RestartController:
         else:
             reset_count = 0
         rotated_count = 0
-        for name, pair in maps.items():
+        for name, (b_map, a_map, defined) in maps.items():
             layer = layers[name]
             trainable = [p for p in layer.factor_parameters() if p.requires_grad]
-            if pair is None:  # the product lost rank: the new coordinates have no map from the old ones
+            if not bool(defined):  # the product lost rank: the new coordinates have no map from the old ones
                 reset_optimizer_momentum(self.optimizer, trainable, "both")
                 continue
-            b_map, a_map = pair
             for param, transform, dim in ((layer.B, b_map, 1), (layer.A, a_map, 0)):
                 if param.requires_grad:
                     rotate_optimizer_momentum(self.optimizer, param, transform, dim)
@@ -421,6 +420,17 @@ class RestartController:
         self.num_steps = steps
         self.num_restarts = int(state.get("num_restarts", 0))
         self._apply_lr()
+
+
+def _defined_maps(pair: tuple[torch.Tensor, torch.Tensor] | None, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(b_map, a_map, defined)``: a layer's maps with a 0-dim flag, zeros where they do not exist,
+    so every rank broadcasts the same tensors whatever its own rank test decided."""
+    if pair is not None:
+        return pair[0], pair[1], torch.ones((), device=like.device)
+    rank, dtype = like.shape[0], work_dtype(like.dtype)
+    zeros = torch.zeros(rank, rank, dtype=dtype, device=like.device)
+    return zeros, zeros.clone(), torch.zeros((), device=like.device)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
