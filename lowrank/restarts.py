@@ -131,12 +131,12 @@ def rotate_optimizer_momentum(optimizer: torch.optim.Optimizer, param: torch.Ten
     ``T·G`` (``dim=0``), :func:`lowrank.optim.rotation.rotate_moment`; the optimizer's own
     ``rotate_momentum`` when it has one (:class:`lowrank.optim.ProjectedAdamW`), else torch
     Adam/AdamW's ``exp_avg``/``exp_avg_sq`` in place. The step count goes on."""
+    if hasattr(optimizer, "rotate_momentum"):  # it checks its own layout (rotation_blocker)
+        optimizer.rotate_momentum(param, transform, dim)
+        return
     blocker = rotation_blocker(optimizer, param)
     if blocker is not None:
         raise ValueError(f"cannot carry the moments of a parameter of shape {tuple(param.shape)}: {blocker}")
-    if hasattr(optimizer, "rotate_momentum"):
-        optimizer.rotate_momentum(param, transform, dim)
-        return
     state = optimizer.state.get(param)
     if state and "exp_avg" in state:
         state["exp_avg"].copy_(rotate_moment(state["exp_avg"], transform, dim))
