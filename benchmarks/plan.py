@@ -6,8 +6,9 @@ The plan for every contender, in stages (a stage starts when the one before it h
    contender), ratio at its default, first seed.
 1. **edge extension**: while the best learning rate is the lowest (highest) one tried, try one
    more point a sweep step beyond it, at most ``suite.max_extend`` times per side.
-2. **ratio sweep** (low-rank family only): ``matrix_lr_ratio ∈ suite.ratio_sweep`` at the best
-   learning rate, extended at an edge the same way.
+2. **ratio sweep** (contenders with a matrix/dense split): ``matrix_lr_ratio ∈ suite.ratio_sweep``
+   with the hidden matrices held at the best learning rate (``lr = best / ratio``), so the sweep
+   moves the dense parameters (embeddings, head, norms) alone; extended at an edge the same way.
 3. **ablation**: the ablation contenders at ``suite.ablation_base``'s best (lr, ratio).
 4. **seeds**: each contender's best setting with every other seed of the suite; 5. the same for
    the ablation contenders at their (shared) setting.
@@ -124,18 +125,25 @@ def best_setting(
     if not (has_ratio and suite.ratio_sweep):
         return (best_lr, default_ratio), []
 
+    # One lr at ratio 1 is a compromise between what the hidden matrices tolerate and what the
+    # dense parameters want (issue 21: AdamW cannot raise its embeddings' lr without
+    # destabilising its matrices). Holding the matrices at the lr sweep's best and moving the dense
+    # lr is the test of that; holding the dense lr would only move the matrices off their optimum.
+    def dense_lr(ratio):
+        return _round(best_lr / ratio)
+
     ratio_initial = sorted({1.0, *(_round(r) for r in suite.ratio_sweep)})
-    tried_ratios = sorted({key[2] for key in results if key[0] == name and key[1] == best_lr and key[3] == seed
-                           and key[2] is not None} | set(ratio_initial))
+    tried_ratios = sorted({key[2] for key in results if key[0] == name and key[3] == seed and key[2] is not None
+                           and key[1] == dense_lr(key[2])} | set(ratio_initial))
 
     def ratio_score(ratio):
-        record = axis.get(best_lr, ratio, seed)
+        record = axis.get(dense_lr(ratio), ratio, seed)
         return None if record is None else _score(record)
 
     best_ratio, needed = _grid_with_extension(tried_ratios, ratio_score, _step(tuple(ratio_initial)), ratio_initial,
                                               suite.max_extend)
     if best_ratio is None:
-        return None, [RunSpec(2, name, best_lr, ratio, seed) for ratio in needed]
+        return None, [RunSpec(2, name, dense_lr(ratio), ratio, seed) for ratio in needed]
     # The overall best over everything tried at this seed (a ratio may beat the lr sweep's best).
     candidates = [(key[1], key[2]) for key in results if key[0] == name and key[3] == seed]
     best = min(candidates, key=lambda lr_ratio: _score(axis.get(*lr_ratio, seed)))

@@ -79,7 +79,7 @@ def table(combined: dict) -> str:
     ratio_column = _has_ratio(results)
     multi_seed = any(len((r.get("over_seeds") or {}).get("val_ppl", [])) > 1 for r in results.values())
     ppl_header = "val ppl, mean (min–max) over seeds" if multi_seed else "val ppl"
-    header = ["contender", "kind", "lr"] + (["factor lr ratio"] if ratio_column else []) + [
+    header = ["contender", "kind", "lr"] + (["matrix lr ratio"] if ratio_column else []) + [
         ppl_header, "tokens/s", "optimizer state MiB", "params+grads+state MiB", "peak memory MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
     for r in sorted(results.values(), key=ppl):
@@ -108,11 +108,12 @@ def _point(t: dict) -> str:
 
 
 def sweep_lines(combined: dict) -> list[str]:
-    """One line per swept contender: every (lr, factor lr ratio) tried at the first seed."""
+    """One line per swept contender: every (lr, matrix lr ratio) tried at the first seed."""
     sweeps = combined.get("sweeps", {})
     if not sweeps:
         return []
-    lines = ["Sweeps (first seed; `lr ×k` = factor lr ratio k; the best of each is in the table):"]
+    lines = ["Sweeps (first seed; `lr ×k`: embeddings, head and norms at lr, hidden matrices (or their factors) at lr × k; "
+             "the best of each is in the table):"]
     for name, tries in sweeps.items():
         lines.append(f"- `{name}`: " + ", ".join(_point(t) for t in tries) + ".")
     return lines
@@ -206,7 +207,7 @@ def ablation_table(combined: dict) -> list[str]:
     base = combined["results"].get(ablation.get("base") or "")
     if not rows or base is None:
         return []
-    setting = f"lr {base['lr']:g}" + (f", factor lr ratio {base['matrix_lr_ratio']:g}" if base.get("matrix_lr_ratio") else "")
+    setting = f"lr {base['lr']:g}" + (f", matrix lr ratio {base['matrix_lr_ratio']:g}" if base.get("matrix_lr_ratio") else "")
     lines = [f"Ablation at `{ablation['base']}`'s best setting ({setting}):", "",
              "| variant | refactorization | momentum reset | period | val ppl | vs `" + ablation["base"] + "` |",
              "|---|:-:|:-:|---:|---:|---:|"]
