@@ -6,9 +6,10 @@ The plan for every contender, in stages (a stage starts when the one before it h
    contender), ratio at its default, first seed.
 1. **edge extension**: while the best learning rate is the lowest (highest) one tried, try one
    more point a sweep step beyond it, at most ``suite.max_extend`` times per side.
-2. **ratio sweep** (contenders with a matrix/dense split): ``matrix_lr_ratio ∈ suite.ratio_sweep``
-   with the hidden matrices held at the best learning rate (``lr = best / ratio``), so the sweep
-   moves the dense parameters (embeddings, head, norms) alone; extended at an edge the same way.
+2. **ratio sweep** (contenders with a matrix/dense split): a pattern search from the best
+   learning rate over the dense lr (embeddings, head, norms: ``lr``) and the hidden matrices' lr
+   (``lr × matrix_lr_ratio``), one step (the ratio sweep's) up and down each with the other held,
+   moving to a better neighbour up to ``suite.max_extend`` times (:func:`_split_search`).
 3. **ablation**: the ablation contenders at ``suite.ablation_base``'s best (lr, ratio).
 4. **seeds**: each contender's best setting with every other seed of the suite; 5. the same for
    the ablation contenders at their (shared) setting.
@@ -90,6 +91,33 @@ def _grid_with_extension(values: list[float], score, step: float, initial: list[
     return best, []
 
 
+def _split_search(best_lr: float, score, step: float, max_moves: int) -> tuple[tuple | None, list[tuple]]:
+    """``(best (lr, ratio) or None while points are missing, (lr, ratio) points still to run)``:
+    a pattern search over the dense lr ``d = lr`` and the hidden matrices' lr ``m = lr × ratio``.
+
+    One lr for both (the lr sweep's best, ratio 1) is a compromise between what the matrices
+    tolerate and what the embeddings, head and norms want, and either may be the one that holds
+    it back (issue 21: AdamW cannot raise its embeddings' lr without destabilising its matrices).
+    So both axes are tried: ``d × step``, ``d / step`` with ``m`` held, and ``m × step``,
+    ``m / step`` with ``d`` held. While a neighbour beats the centre the search moves there (at
+    most ``max_moves`` times) and tries its neighbours; points already run are not run again."""
+    centre = (_round(best_lr), 1.0)
+    if math.isinf(score(*centre)):
+        return centre, []  # every lr failed: nothing to search from
+    for move in range(max_moves + 1):
+        dense, matrix = centre[0], centre[0] * centre[1]
+        around = [(dense * step, matrix), (dense / step, matrix), (dense, matrix * step), (dense, matrix / step)]
+        points = [(_round(d), _round(m / d)) for d, m in around]
+        missing = [p for p in points if score(*p) is None]
+        if missing:
+            return None, missing
+        best = min([centre, *points], key=lambda p: (score(*p), p != centre))
+        if best == centre or move == max_moves:
+            return best, []
+        centre = best
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class _Axis:
     """Results of one contender, looked up by (lr, ratio, seed)."""
@@ -125,25 +153,17 @@ def best_setting(
     if not (has_ratio and suite.ratio_sweep):
         return (best_lr, default_ratio), []
 
-    # One lr at ratio 1 is a compromise between what the hidden matrices tolerate and what the
-    # dense parameters want (issue 21: AdamW cannot raise its embeddings' lr without
-    # destabilising its matrices). Holding the matrices at the lr sweep's best and moving the dense
-    # lr is the test of that; holding the dense lr would only move the matrices off their optimum.
-    def dense_lr(ratio):
-        return _round(best_lr / ratio)
+    if name in suite.no_ratio_sweep:
+        return (best_lr, default_ratio), []
+    step = _step(tuple(sorted({1.0, *suite.ratio_sweep})))
 
-    ratio_initial = sorted({1.0, *(_round(r) for r in suite.ratio_sweep)})
-    tried_ratios = sorted({key[2] for key in results if key[0] == name and key[3] == seed and key[2] is not None
-                           and key[1] == dense_lr(key[2])} | set(ratio_initial))
-
-    def ratio_score(ratio):
-        record = axis.get(dense_lr(ratio), ratio, seed)
+    def split_score(lr, ratio):
+        record = axis.get(lr, ratio, seed)
         return None if record is None else _score(record)
 
-    best_ratio, needed = _grid_with_extension(tried_ratios, ratio_score, _step(tuple(ratio_initial)), ratio_initial,
-                                              suite.max_extend)
-    if best_ratio is None:
-        return None, [RunSpec(2, name, dense_lr(ratio), ratio, seed) for ratio in needed]
+    split, needed = _split_search(best_lr, split_score, step, suite.max_extend)
+    if split is None:
+        return None, [RunSpec(2, name, lr, ratio, seed) for lr, ratio in needed]
     # The overall best over everything tried at this seed (a ratio may beat the lr sweep's best).
     candidates = [(key[1], key[2]) for key in results if key[0] == name and key[3] == seed]
     best = min(candidates, key=lambda lr_ratio: _score(axis.get(*lr_ratio, seed)))

@@ -73,8 +73,10 @@ def test_plan_extends_at_an_edge_sweeps_the_ratio_runs_the_ablation_and_the_seed
     assert tried == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3])
     assert best["adamw"] == (4e-3, None)
     lr_ratio = sorted((lr, ratio) for (name, lr, ratio, seed) in results if name == "low_rank" and seed == 0)
-    # the ratio sweep keeps the matrices at the best lr (1.5e-3) and moves the dense lr; keys are rounded
-    assert lr_ratio == [(7.5e-4, 1.0), (7.5e-4, 2.0), (1.5e-3, 1.0), (3e-3, 0.5), (3e-3, 1.0)]
+    # from the best lr (1.5e-3) the dense lr and the matrices' lr each move a step with the other
+    # held; no neighbour wins, so the search stops there. Keys are rounded.
+    assert lr_ratio == [(7.5e-4, 1.0), (7.5e-4, 2.0), (1.5e-3, 0.5), (1.5e-3, 1.0), (1.5e-3, 2.0), (3e-3, 0.5),
+                        (3e-3, 1.0)]
     assert best["low_rank"] == (1.5e-3, 1.0)
     # the ablation at low_rank's best; seeds for every best and every ablation row
     assert set(ablation) == set(suite.ablation) and all(s == (1.5e-3, 1.0) for s in ablation.values())
@@ -90,25 +92,27 @@ def test_plan_extends_at_an_edge_sweeps_the_ratio_runs_the_ablation_and_the_seed
     assert best["adamw"] == (2e-3, None) and results[("adamw", 4e-3, None, 0)] == {"failed": True}
 
 
-def test_ratio_sweep_moves_the_dense_lr_with_the_matrices_held_at_their_best():
+def test_ratio_search_finds_a_split_that_one_shared_lr_misses():
     """Issue 21's fair baseline: when the dense parameters want 4× the lr the matrices tolerate, the
-    lr sweep at ratio 1 settles between the two (2e-3) and the ratio sweep, with the matrices held
-    there, raises the dense lr alone until it stops paying (extended at the edge once)."""
+    lr sweep at ratio 1 settles between the two (2e-3); the search over the dense and the matrices'
+    lr moves to the better neighbour (matrices at 1e-3), then once more (dense at 4e-3), runs no
+    point twice, and leaves contenders in ``no_ratio_sweep`` at ratio 1."""
     import math
 
-    suite = dataclasses.replace(SUITES["cpu-long"], ablation=(), ablation_base=None, seeds=(0,), max_extend=2)
+    suite = dataclasses.replace(SUITES["cpu-long"], ablation=(), ablation_base=None, seeds=(0,),
+                                no_ratio_sweep=("low_rank",))
+    assert suite.max_extend == 1
     dense_best, matrix_best = 4e-3, 1e-3
 
     def ppl(name, lr, ratio, seed):
-        return 100 + 10 * math.log(lr / dense_best) ** 2 + 10 * math.log(lr * ratio / matrix_best) ** 2
+        return 100 + 10 * math.log(lr / dense_best) ** 2 + 20 * math.log(lr * (ratio or 1.0) / matrix_best) ** 2
 
-    results, best, _, history = simulate(suite, ["adamw-split"], ppl)
-    assert best["adamw-split"] == (4e-3, 0.5)  # dense 4e-3, matrices 2e-3
-    ratio_runs = sorted((lr, ratio) for spec_list in history for spec in spec_list if spec.stage == 2
-                        for lr, ratio in [(spec.lr, spec.ratio)])
-    # every ratio-sweep point keeps the matrices at the lr sweep's best, 2e-3
-    assert ratio_runs == [(1e-3, 2.0), (4e-3, 0.5), (8e-3, 0.25)]
-    assert all(lr * ratio == pytest.approx(2e-3) for lr, ratio in ratio_runs)
+    results, best, _, history = simulate(suite, ["adamw-split", "low_rank"], ppl)
+    assert best["adamw-split"] == (4e-3, 0.25)  # dense 4e-3, matrices 1e-3
+    searched = [(spec.lr, spec.ratio) for specs in history for spec in specs if spec.stage == 2]
+    assert len(searched) == len(set(searched))
+    assert sorted(searched) == [(1e-3, 2.0), (2e-3, 0.25), (2e-3, 0.5), (2e-3, 2.0), (4e-3, 0.25), (4e-3, 0.5)]
+    assert {ratio for (name, _, ratio, _) in results if name == "low_rank"} == {1.0}
 
 
 
