@@ -115,7 +115,12 @@ def sweep_lines(combined: dict) -> list[str]:
     lines = ["Sweeps (first seed; `lr ×k`: embeddings, head and norms at lr, hidden matrices (or their factors) at lr × k; "
              "the best of each is in the table):"]
     for name, tries in sweeps.items():
-        lines.append(f"- `{name}`: " + ", ".join(_point(t) for t in tries) + ".")
+        shared = [t for t in tries if t.get("matrix_lr_ratio") in (None, 1.0)]
+        split = sorted((t for t in tries if t not in shared), key=lambda t: (t["lr"] * t["matrix_lr_ratio"], t["lr"]))
+        line = f"- `{name}`: " + ", ".join(_point(t) for t in sorted(shared, key=lambda t: t["lr"]))
+        if split:
+            line += "; split: " + ", ".join(_point(t) for t in split)
+        lines.append(line + ".")
     return lines
 
 

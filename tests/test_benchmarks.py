@@ -172,6 +172,20 @@ def run_suite(corpus, tmp_path, *extra):
     )
 
 
+def test_sweep_lines_list_the_shared_lr_first_then_the_split_points_by_the_matrices_lr():
+    def point(lr, ratio, ppl):
+        return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": ppl}
+
+    sweeps = {"adamw-split": [point(1e-3, 0.5, 35.36), point(5e-4, 1.0, 43.33), point(1e-3, 1.0, 39.47),
+                              point(1e-3, 2.0, 52.8), point(2e-3, 0.25, None)],
+              "adamw": [point(2e-3, None, 49.99), point(1e-3, None, 39.32)]}
+    lines = report.sweep_lines({"sweeps": sweeps})
+    # split points by the matrices' lr (5e-4, 5e-4, 2e-3), then the dense lr
+    assert lines[1] == ("- `adamw-split`: 0.0005 → 43.33, 0.001 → 39.47; split: 0.001 ×0.5 → 35.36, "
+                        "0.002 ×0.25 → diverged, 0.001 ×2 → 52.80.")
+    assert lines[2] == "- `adamw`: 0.001 → 39.32, 0.002 → 49.99."
+
+
 def test_smoke_suite_runs_every_kind_of_contender_and_reports(corpus, tmp_path):
     names = "adamw,galore-torch,adamw8bit,low_rank_restarts,lowrank_sparse"
     result = run_suite(corpus, tmp_path, "--contenders", names, "--jobs", "2")
