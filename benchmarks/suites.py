@@ -210,7 +210,7 @@ SUITES = {
                       note="LLaMA-20M shape (hidden 256, 4 layers) with a 4096-token BPE: 5.3M parameters, 3.2M of them in "
                            "the decoder layers",
                       contenders=("adamw", "galore-torch", "fira", "low_rank", "low_rank_restarts", "lowrank_sparse", "relora",
-                                  "sltrain", "adamw-split"),
+                                  "sltrain", "adamw-split", "spam", "stable_spam"),
                       # relora and sltrain at ratio 1 (issue 21: their preset settings with 3 seeds suffice)
                       sweep_all=True, ratio_sweep=(0.5, 2.0), no_ratio_sweep=("relora", "sltrain"), seeds=(0, 1, 2),
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",

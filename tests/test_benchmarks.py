@@ -267,6 +267,11 @@ def test_claims_are_decided_only_when_seed_ranges_separate():
     lines = report.evidence({"results": {**results, "adamw-split": split}})
     assert "remains best: **holds** — `adamw-split` 96.00 (95.00–97.00) (the better of `adamw`, `adamw-split`) " \
            "vs the best other, `low_rank_restarts`" in lines[3]
+    # SPAM trains every weight in full: it is full-rank training, never "the best other"
+    spam = _seeded("spam", "ours", [103, 103.5, 104], 400)
+    lines = report.evidence({"results": {**results, "spam": spam}})
+    assert "`adamw` 101.00 (100.00–102.00) (the better of `adamw`, `spam`) vs the best other, " \
+           "`low_rank_restarts`" in lines[3]
     combined = {"results": results, "ablation": {"base": "low_rank", "rows": {
         "low_rank_reset": {**_seeded("low_rank_reset", "ours", [121, 121]), "complete": True}}}}
     rows = report.ablation_table(combined)
