@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, replace_readme_block, write_result  # noqa: E402
+from common import RESULTS, machine_info, paired_relative, replace_readme_block, write_result  # noqa: E402
 from suites import SUITES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +79,7 @@ def measure(data: str, steps: int, rounds: int, cache: str | None = None) -> dic
     rows = []
     for method, options in seen.items():
         for option, values in options.items():
-            # Paired within a round (the baseline ran minutes earlier, under the same load), then the
-            # median over rounds: a drift in the machine's speed cancels in each ratio.
-            ratios = [value / base for value, base in zip(values, options[BASELINE])]
+            ratios = paired_relative(values, options[BASELINE])
             rows.append({"method": method, "option": option, "tokens_per_s": statistics.median(values),
                          "per_round": values, "relative": statistics.median(ratios), "relative_per_round": ratios})
     return {"suite": SUITE, "steps": steps, "rounds": rounds, "machine": machine_info(), "rows": rows}

@@ -52,6 +52,20 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def suite_speed_name(suite: str) -> str:
+    """The result name of a suite's quiet speed measurement (``bench_suite_speed.py``), which
+    ``report.py`` reads: ``benchmarks/results/<suite>-speed.json``."""
+    return f"{suite}-speed"
+
+
+def paired_relative(values: list[float], baseline: list[float]) -> list[float]:
+    """Each round's figure over the baseline's in the same round: runs minutes apart under the same
+    load, so a drift in the machine's speed cancels in each ratio (take the median of these)."""
+    if len(values) != len(baseline):
+        raise ValueError(f"{len(values)} rounds against {len(baseline)} of the baseline")
+    return [value / base for value, base in zip(values, baseline)]
+
+
 def write_result(name: str, data: dict, out_dir: Path | str | None = None) -> Path:
     """Write ``data`` plus machine info to ``<out_dir>/<name>.json`` and return the path."""
     out_dir = Path(out_dir) if out_dir else RESULTS

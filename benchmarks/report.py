@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, replace_readme_block  # noqa: E402
+from common import RESULTS, replace_readme_block, suite_speed_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "adamw"
@@ -351,6 +351,30 @@ def swept(combined: dict, name: str) -> bool:
     return len({t["lr"] for t in (combined.get("sweeps") or {}).get(name, [])}) > 1
 
 
+def with_quiet_speed(combined: dict, speed: dict | None) -> dict:
+    """``combined`` with each result's tokens/s replaced by its quiet figure from
+    ``bench_suite_speed.py`` (``speed``), where that measured it; ``speed_source`` records which.
+    The suite's own runs share the machine (side by side, for hours), so their figure is the
+    fallback only."""
+    if not speed:
+        return combined
+    quiet = speed["contenders"]
+    results = {}
+    for name, r in combined["results"].items():
+        results[name] = {**r, "tokens_per_s": quiet[name]["tokens_per_s"], "quiet_speed": True} if name in quiet else r
+    return {**combined, "results": results, "speed": {k: speed[k] for k in ("steps", "rounds")}}
+
+
+def _speed_text(combined: dict) -> str:
+    speed = combined.get("speed")
+    if speed is None:
+        return "tokens/s from the runs themselves (they shared the machine: compare within this table loosely)"
+    busy = [n for n, r in completed(combined).items() if not r.get("quiet_speed")]
+    return (f"tokens/s measured quietly (`bench_suite_speed.py`: one run at a time, median over {speed['rounds']} "
+            f"interleaved rounds of {speed['steps']}-step runs)"
+            + (f", except {', '.join(f'`{n}`' for n in busy)} (from its own runs)" if busy else ""))
+
+
 def settings_line(combined: dict) -> str:
     s, machine = combined["settings"], combined["machine"]
     device = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} cores)"
@@ -362,7 +386,8 @@ def settings_line(combined: dict) -> str:
     return (
         f"{s['note']}; {s['tokens_per_contender']:,} tokens each ({s['steps']} steps of {s['batch_size']}×{s['seq_len']}), "
         f"{seed_text}, rank {s['rank']}, every periodic event every {s['cycle']} steps, {s['precision']} on {device}, "
-        f"{runs}, torch {machine['torch']}; {combined['wall_seconds'] / 60:.0f} min of runs in all.{state}"
+        f"{runs}, torch {machine['torch']}; {combined['wall_seconds'] / 60:.0f} min of runs in all; {_speed_text(combined)}."
+        f"{state}"
     )
 
 
@@ -436,6 +461,8 @@ def main() -> None:
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     args = parser.parse_args()
     combined = json.loads((Path(args.results) / f"{args.suite}.json").read_text())
+    speed_path = Path(args.results) / f"{suite_speed_name(args.suite)}.json"
+    combined = with_quiet_speed(combined, json.loads(speed_path.read_text()) if speed_path.is_file() else None)
     paths = plot(combined, Path(args.docs))
     block = render_block(combined, [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in paths])
     print(block)

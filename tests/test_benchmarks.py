@@ -172,6 +172,32 @@ def run_suite(corpus, tmp_path, *extra):
     )
 
 
+def test_suite_speed_measures_each_contender_in_rounds_and_the_report_uses_it(corpus, tmp_path):
+    """bench_suite_speed runs every contender once per round through the suite's own path; the
+    report then shows those quiet figures instead of the ones the busy suite runs recorded."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_suite_speed.py"), "--suite", "smoke",
+                          "--data", corpus["data"], "--contenders", "adamw,low_rank", "--steps", "6", "--rounds", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    speed = json.loads((tmp_path / "smoke-speed.json").read_text())
+    adamw, low_rank = speed["contenders"]["adamw"], speed["contenders"]["low_rank"]
+    assert len(adamw["per_round"]) == len(low_rank["per_round"]) == 2 and min(adamw["per_round"]) > 0
+    assert adamw["vs_adamw_per_round"] == [1.0, 1.0]
+    assert low_rank["vs_adamw_per_round"] == pytest.approx([a / b for a, b in zip(low_rank["per_round"], adamw["per_round"])])
+
+    combined = {"results": {"adamw": _record("adamw", "peer", 40.0, 80, tps=999.0),
+                            "low_rank": _record("low_rank", "ours", 33.0, 60, tps=1.0),
+                            "relora": _record("relora", "ours", 50.0, 60, tps=7.0)}}
+    quiet = report.with_quiet_speed(combined, speed)
+    assert quiet["results"]["adamw"]["tokens_per_s"] == adamw["tokens_per_s"]
+    assert quiet["results"]["low_rank"]["tokens_per_s"] == low_rank["tokens_per_s"]
+    assert quiet["results"]["relora"]["tokens_per_s"] == 7.0  # not measured: its own runs' figure, named as such
+    assert "except `relora` (from its own runs)" in report._speed_text(quiet)
+    assert report.with_quiet_speed(combined, None) is combined
+    assert "from the runs themselves" in report._speed_text(combined)
+
+
 def test_sweep_lines_list_the_shared_lr_first_then_the_split_points_by_the_matrices_lr():
     def point(lr, ratio, ppl):
         return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": ppl}
