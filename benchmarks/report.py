@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, replace_readme_block, suite_speed_name  # noqa: E402
+from suites import CONTENDERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "adamw"
@@ -308,6 +309,32 @@ def remedy_lines(combined: dict) -> list[str]:
             for name in RESET_REMEDIES if name in rows]
 
 
+def preset_lines(combined: dict) -> list[str]:
+    """Each of our presets that ran as written (a contender of the same name, no overrides) and was
+    swept, against its best setting in this suite: issue 21 asks the presets' lr and ratio to
+    follow the evidence, and one that does not is named here with both numbers."""
+    from lowrank.methods import load_method
+
+    def same(a: dict, b: dict) -> bool:
+        return all(abs((a[k] or 1.0) / (b[k] or 1.0) - 1) < 1e-6 for k in ("lr", "matrix_lr_ratio"))
+
+    lines = []
+    for name, r in sorted(completed(combined).items()):
+        contender = CONTENDERS.get(name)
+        if contender is None or contender.peer is not None or contender.preset != name or contender.overrides \
+                or not swept(combined, name):
+            continue
+        optimizer = load_method(name).optimizer
+        preset = {"lr": optimizer.lr, "matrix_lr_ratio": optimizer.matrix_lr_ratio if r.get("matrix_lr_ratio") else None}
+        run = next((t for t in combined["sweeps"][name] if same(t, preset)), None)
+        preset_text = _point({**preset, "val_ppl": run and run["val_ppl"]}) if run else _point(preset).split(" → ")[0]
+        if same(r, preset):
+            lines.append(f"- `{name}`: the preset ({preset_text}) is the best setting here.")
+        else:
+            lines.append(f"- `{name}`: **the preset ({preset_text}) is not the best setting here**: {_point(r)}.")
+    return ["Our presets against this suite's best settings (first seed):", *lines] if lines else []
+
+
 def targets(combined: dict) -> list[str]:
     """The suite's targets checked against its own numbers (issue #6), one bullet each.
 
@@ -443,7 +470,7 @@ def render_block(combined: dict, plots: list[Path]) -> str:
     """The README block of a suite: settings, table, sweeps, ablation, targets, evidence, plots."""
     grid = grid_table(combined)
     sections = [[settings_line(combined)], [table(combined)], grid or sweep_lines(combined), low_bit_pairs(combined), bf16_pairs(combined),
-                ablation_table(combined), targets(combined), evidence(combined),
+                ablation_table(combined), targets(combined), evidence(combined), preset_lines(combined),
                 [f"![validation perplexity against tokens]({plots[0]})", f"![memory against perplexity]({plots[1]})"]]
     return "\n\n".join("\n".join(section) for section in sections if section)
 

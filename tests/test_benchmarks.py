@@ -198,6 +198,25 @@ def test_suite_speed_measures_each_contender_in_rounds_and_the_report_uses_it(co
     assert "from the runs themselves" in report._speed_text(combined)
 
 
+def test_preset_lines_name_a_preset_whose_setting_is_not_the_best_found():
+    def run(lr, ratio, ppl):
+        return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": ppl}
+
+    combined = {
+        "results": {"adamw": _record("adamw", "peer", 39.3, 80) | run(1e-3, None, 39.3),
+                    "low_rank": _record("low_rank", "ours", 32.95, 60) | run(1.5e-3, 1.0, 32.95),
+                    "lowrank_sparse": _record("lowrank_sparse", "ours", 31.77, 50) | run(6e-3, 1.0, 31.77),
+                    "relora": _record("relora", "ours", 49.9, 60) | run(1e-3, 1.0, 49.9)},
+        "sweeps": {"adamw": [run(1e-3, None, 39.3), run(2e-3, None, 50.0)],
+                   "low_rank": [run(1.5e-3, 1.0, 32.95), run(3e-3, 1.0, 33.9), run(1.5e-3, 0.5, 33.5)],
+                   "lowrank_sparse": [run(1.5e-3, 1.0, 35.42), run(6e-3, 1.0, 31.77)],
+                   "relora": [run(1e-3, 1.0, 49.9)]},  # not swept: nothing to say
+    }
+    lines = report.preset_lines(combined)
+    assert lines[1:] == ["- `low_rank`: the preset (0.0015 → 32.95) is the best setting here.",
+                         "- `lowrank_sparse`: **the preset (0.0015 → 35.42) is not the best setting here**: 0.006 → 31.77."]
+
+
 def test_sweep_lines_list_the_shared_lr_first_then_the_split_points_by_the_matrices_lr():
     def point(lr, ratio, ppl):
         return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": ppl}
