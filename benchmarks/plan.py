@@ -9,7 +9,7 @@ The plan for every contender, in stages (a stage starts when the one before it h
 2. **ratio sweep** (contenders with a matrix/dense split): a pattern search from the best
    learning rate over the dense lr (embeddings, head, norms: ``lr``) and the hidden matrices' lr
    (``lr × matrix_lr_ratio``), one step (the ratio sweep's) up and down each with the other held,
-   moving to a better neighbour up to ``suite.max_extend`` times (:func:`_split_search`).
+   moving to a better neighbour up to ``suite.split_moves`` times (:func:`_split_search`).
 3. **ablation**: the ablation contenders at ``suite.ablation_base``'s best (lr, ratio).
 4. **seeds**: each contender's best setting with every other seed of the suite; 5. the same for
    the ablation contenders at their (shared) setting.
@@ -161,7 +161,7 @@ def best_setting(
         record = axis.get(lr, ratio, seed)
         return None if record is None else _score(record)
 
-    split, needed = _split_search(best_lr, split_score, step, suite.max_extend)
+    split, needed = _split_search(best_lr, split_score, step, suite.split_moves)
     if split is None:
         return None, [RunSpec(2, name, lr, ratio, seed) for lr, ratio in needed]
     # The overall best over everything tried at this seed (a ratio may beat the lr sweep's best).

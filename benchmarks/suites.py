@@ -31,7 +31,8 @@ class Suite:
     * ``ratio_sweep``: its step (2 for ``(0.5, 2.0)``) is that of the search over the dense and
       the hidden matrices' learning rates (``optimizer.matrix_lr_ratio``) from the best
       learning rate, for contenders with such a split (``plan._split_search``), except those in
-      ``no_ratio_sweep`` (kept at ratio 1).
+      ``no_ratio_sweep`` (kept at ratio 1). ``split_moves``: how many times that search may move
+      to a better neighbour (and try the new point's neighbours).
     * ``seeds``: the first is the sweep seed; the best setting of every contender is re-run
       with the others.
     * ``ablation``: contenders run at ``ablation_base``'s best setting (learning rate and ratio),
@@ -64,6 +65,7 @@ class Suite:
     max_extend: int = 1
     ratio_sweep: tuple[float, ...] = ()
     no_ratio_sweep: tuple[str, ...] = ()
+    split_moves: int = 3
     seeds: tuple[int, ...] = (0,)
     ablation: tuple[str, ...] = ()
     ablation_base: str | None = None
@@ -74,8 +76,8 @@ class Suite:
         return self.steps * self.batch_size * self.seq_len * self.grad_accum
 
 
-PLAN_FIELDS = ("note", "contenders", "sweep", "sweep_all", "max_extend", "ratio_sweep", "no_ratio_sweep", "seeds", "ablation",
-               "ablation_base", "save_every", "keep_checkpoints")
+PLAN_FIELDS = ("note", "contenders", "sweep", "sweep_all", "max_extend", "ratio_sweep", "no_ratio_sweep", "split_moves",
+               "seeds", "ablation", "ablation_base", "save_every", "keep_checkpoints")
 """Suite fields that decide which runs exist, not how one run trains."""
 
 

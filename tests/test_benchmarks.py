@@ -95,13 +95,14 @@ def test_plan_extends_at_an_edge_sweeps_the_ratio_runs_the_ablation_and_the_seed
 def test_ratio_search_finds_a_split_that_one_shared_lr_misses():
     """Issue 21's fair baseline: when the dense parameters want 4× the lr the matrices tolerate, the
     lr sweep at ratio 1 settles between the two (2e-3); the search over the dense and the matrices'
-    lr moves to the better neighbour (matrices at 1e-3), then once more (dense at 4e-3), runs no
-    point twice, and leaves contenders in ``no_ratio_sweep`` at ratio 1."""
+    lr moves to the better neighbour (matrices at 1e-3), then once more (dense at 4e-3), stops
+    where no neighbour is better, runs no point twice, and leaves contenders in ``no_ratio_sweep``
+    at ratio 1."""
     import math
 
     suite = dataclasses.replace(SUITES["cpu-long"], ablation=(), ablation_base=None, seeds=(0,),
                                 no_ratio_sweep=("low_rank",))
-    assert suite.max_extend == 1
+    assert suite.split_moves == 3
     dense_best, matrix_best = 4e-3, 1e-3
 
     def ppl(name, lr, ratio, seed):
@@ -111,7 +112,14 @@ def test_ratio_search_finds_a_split_that_one_shared_lr_misses():
     assert best["adamw-split"] == (4e-3, 0.25)  # dense 4e-3, matrices 1e-3
     searched = [(spec.lr, spec.ratio) for specs in history for spec in specs if spec.stage == 2]
     assert len(searched) == len(set(searched))
-    assert sorted(searched) == [(1e-3, 2.0), (2e-3, 0.25), (2e-3, 0.5), (2e-3, 2.0), (4e-3, 0.25), (4e-3, 0.5)]
+    # two moves, then the optimum's own neighbours (two of them new) confirm it
+    assert sorted(searched) == [(1e-3, 2.0), (2e-3, 0.25), (2e-3, 0.5), (2e-3, 2.0), (4e-3, 0.125), (4e-3, 0.25),
+                                (4e-3, 0.5), (8e-3, 0.125)]
+    # with one move allowed the search stops at the second centre's best neighbour, unconfirmed
+    one = dataclasses.replace(suite, split_moves=1)
+    _, best, _, history = simulate(one, ["adamw-split"], ppl)
+    assert best["adamw-split"] == (4e-3, 0.25)
+    assert len([spec for specs in history for spec in specs if spec.stage == 2]) == 6
     assert {ratio for (name, _, ratio, _) in results if name == "low_rank"} == {1.0}
 
 
