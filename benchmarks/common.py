@@ -91,3 +91,14 @@ def replace_readme_block(readme: Path | str, start: str, end: str, block: str) -
 def comma_names(text: str) -> list[str]:
     """``"a, b,c"`` → ``["a", "b", "c"]`` (an argparse ``type``)."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_model_arguments(parser, suite) -> None:
+    """``--model``, ``--vocab-size``, ``--tokenizer``, ``--rank``, ``--batch-size``, ``--seq-len``,
+    defaulting to those of ``suite`` (a ``suites.Suite``): a diagnostic measures a suite's shape."""
+    parser.add_argument("--model", default=suite.model)
+    parser.add_argument("--vocab-size", type=int, default=suite.vocab_size)
+    parser.add_argument("--tokenizer", default=None, help="a trained tokenizer folder (default: BPE trained on the corpus)")
+    parser.add_argument("--rank", type=int, default=suite.rank)
+    parser.add_argument("--batch-size", type=int, default=suite.batch_size)
+    parser.add_argument("--seq-len", type=int, default=suite.seq_len)

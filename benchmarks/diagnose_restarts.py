@@ -75,8 +75,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
-from suites import CONTENDERS  # noqa: E402
+from common import add_model_arguments, machine_info  # noqa: E402
+from suites import CONTENDERS, SUITES  # noqa: E402
 
 from lowrank.methods import available_methods, load_method  # noqa: E402
 from lowrank.run import Trainer  # noqa: E402
@@ -580,12 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="corpus folder (train.txt / valid.txt, or .gz)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma-separated presets, or variants of ours named in benchmarks/suites.py (low_rank_restarts-rotate)")
-    parser.add_argument("--model", default="llama_20m")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--tokenizer", default=None, help="a trained tokenizer folder (default: BPE trained on the corpus)")
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_model_arguments(parser, SUITES["cpu-long"])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--cycle", type=int, default=200, help="restarts.cycle_length of the methods with restarts")
     parser.add_argument("--lr", type=float, default=1.5e-3)
