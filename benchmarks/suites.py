@@ -32,7 +32,9 @@ class Suite:
       the hidden matrices' learning rates (``optimizer.matrix_lr_ratio``) from the best
       learning rate, for contenders with such a split (``plan._split_search``), except those in
       ``no_ratio_sweep`` (kept at ratio 1). ``split_moves``: how many times that search may move
-      to a better neighbour (and try the new point's neighbours).
+      to a better neighbour (and try the new point's neighbours); 6 lets it walk from ratio 1 to
+      ratio 1/64 or a dense lr 64× the sweep's best, beyond anything cpu-long has needed (AdamW's
+      split needed more than the first cap of 3: its best lay on the edge at 3 moves).
     * ``seeds``: the first is the sweep seed; the best setting of every contender is re-run
       with the others.
     * ``ablation``: contenders run at ``ablation_base``'s best setting (learning rate and ratio),
@@ -65,7 +67,7 @@ class Suite:
     max_extend: int = 1
     ratio_sweep: tuple[float, ...] = ()
     no_ratio_sweep: tuple[str, ...] = ()
-    split_moves: int = 3
+    split_moves: int = 6
     seeds: tuple[int, ...] = (0,)
     ablation: tuple[str, ...] = ()
     ablation_base: str | None = None

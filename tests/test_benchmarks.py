@@ -102,7 +102,7 @@ def test_ratio_search_finds_a_split_that_one_shared_lr_misses():
 
     suite = dataclasses.replace(SUITES["cpu-long"], ablation=(), ablation_base=None, seeds=(0,),
                                 no_ratio_sweep=("low_rank",))
-    assert suite.split_moves == 3
+    assert suite.split_moves == 6
     dense_best, matrix_best = 4e-3, 1e-3
 
     def ppl(name, lr, ratio, seed):
