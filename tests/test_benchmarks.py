@@ -128,6 +128,23 @@ def _record(name, kind, ppl, state, tps=1000.0):
     return {"contender": name, "kind": kind, "val_ppl": ppl, "model_state_bytes": state * 2**20, "tokens_per_s": tps}
 
 
+def test_sweep_line_says_whether_the_split_searchs_best_is_confirmed_by_its_neighbours():
+    def run(lr, ratio, val_ppl):
+        return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": val_ppl}
+
+    settings = {"ratio_sweep": [0.5, 2.0]}
+    # best 4e-3 x0.25 (dense 4e-3, matrices 1e-3); its neighbours in (dense, matrix) space
+    tries = [run(2e-3, 1.0, 40.0), run(4e-3, 0.25, 30.0), run(8e-3, 0.125, 31.0), run(2e-3, 0.5, 33.0),
+             run(4e-3, 0.5, 32.0)]
+    line = report._split_check(tries, settings)
+    assert line == "**the best is not confirmed**: 1 of its neighbours not run (0.004 ×0.125)"
+    tries.append(run(4e-3, 0.125, 30.5))
+    assert report._split_check(tries, settings) == "the best is confirmed by its four neighbours"
+    # a diverged neighbour counts as run; a diverged point is never the best
+    tries[2] = {"lr": 8e-3, "matrix_lr_ratio": 0.125, "failed": True}
+    assert report._split_check(tries, settings) == "the best is confirmed by its four neighbours"
+
+
 def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
     results = {
         "adamw": _record("adamw", "peer", 100.0, 400),
@@ -144,8 +161,14 @@ def test_targets_judge_our_best_memory_efficient_contender_against_the_peers():
     galore, fira, adamw, speed = lines[1:]
     assert "103.00 vs 104.00 (met)" in galore and "250.0 vs 300.0 MiB (met)" in galore
     assert "103.00 vs 102.00 (**not met**)" in fira
-    assert "1.030× (met)" in adamw
+    assert "(`adamw`, 100.00): 1.030× (met)" in adamw
     assert "0.90× (**not met**" in speed
+    # AdamW with the matrix/dense split is full-rank (never "memory-efficient", even when its state
+    # bytes round below plain AdamW's) and, when better, is the reference of the 10 % target
+    split = {**results, "adamw-split": _record("adamw-split", "ours", 95.0, 399)}
+    lines = report.targets({"results": split, "settings": {"model": "llama_60m"}, "sweeps": sweeps})
+    assert "`low_rank`" in lines[0]
+    assert any("(`adamw-split`, 95.00): 1.084× (met)" in line for line in lines)
     assert report.targets({"results": {"adamw": results["adamw"]}, "settings": {"model": "x"}}) == []
     # peers run at one lr (cpu-small): no perplexity verdict against them, and a line saying why
     lines = report.targets({"results": results, "settings": {"model": "llama_60m"}, "sweeps": {"fira": sweeps["fira"]}})
@@ -235,7 +258,8 @@ def test_sweep_lines_list_the_shared_lr_first_then_the_split_points_by_the_matri
     lines = report.sweep_lines({"sweeps": sweeps})
     # split points by the matrices' lr (5e-4, 5e-4, 2e-3), then the dense lr
     assert lines[1] == ("- `adamw-split`: 0.0005 → 43.33, 0.001 → 39.47; split: 0.001 ×0.5 → 35.36, "
-                        "0.002 ×0.25 → diverged, 0.001 ×2 → 52.80.")
+                        "0.002 ×0.25 → diverged, 0.001 ×2 → 52.80; **the best is not confirmed**: 1 of its "
+                        "neighbours not run (0.001 ×0.25).")
     assert lines[2] == "- `adamw`: 0.001 → 39.32, 0.002 → 49.99."
 
 
