@@ -350,7 +350,11 @@ def preset_lines(combined: dict) -> list[str]:
         optimizer = load_method(name).optimizer
         preset = {"lr": optimizer.lr, "matrix_lr_ratio": optimizer.matrix_lr_ratio if r.get("matrix_lr_ratio") else None}
         run = next((t for t in combined["sweeps"][name] if same(t, preset)), None)
-        preset_text = _point({**preset, "val_ppl": run and run["val_ppl"]}) if run else _point(preset).split(" → ")[0]
+        if run is None:
+            lines.append(f"- `{name}`: the preset ({_point(preset).split(' → ')[0]}) was not run here; this suite's best: "
+                         f"{_point(r)}.")
+            continue
+        preset_text = _point({**preset, "val_ppl": run["val_ppl"]})
         if same(r, preset):
             lines.append(f"- `{name}`: the preset ({preset_text}) is the best setting here.")
         else:

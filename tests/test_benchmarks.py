@@ -230,22 +230,37 @@ def test_suite_speed_measures_each_contender_in_rounds_and_the_report_uses_it(co
 
 
 def test_preset_lines_name_a_preset_whose_setting_is_not_the_best_found():
+    """Built on the presets as they are (issue 21 moves their lr and ratio with the evidence)."""
+    from lowrank.methods import load_method
+
     def run(lr, ratio, ppl):
         return {"lr": lr, "matrix_lr_ratio": ratio, "val_ppl": ppl}
 
+    def preset(name):
+        optimizer = load_method(name).optimizer
+        return optimizer.lr, optimizer.matrix_lr_ratio
+
+    low_rank, sparse = preset("low_rank"), preset("lowrank_sparse")
+    other = (sparse[0] / 2, 1.0)  # a setting that is not lowrank_sparse's preset
     combined = {
         "results": {"adamw": _record("adamw", "peer", 39.3, 80) | run(1e-3, None, 39.3),
-                    "low_rank": _record("low_rank", "ours", 32.95, 60) | run(1.5e-3, 1.0, 32.95),
-                    "lowrank_sparse": _record("lowrank_sparse", "ours", 31.77, 50) | run(6e-3, 1.0, 31.77),
+                    "low_rank": _record("low_rank", "ours", 31.73, 60) | run(*low_rank, 31.73),
+                    "lowrank_sparse": _record("lowrank_sparse", "ours", 31.77, 50) | run(*other, 31.77),
                     "relora": _record("relora", "ours", 49.9, 60) | run(1e-3, 1.0, 49.9)},
         "sweeps": {"adamw": [run(1e-3, None, 39.3), run(2e-3, None, 50.0)],
-                   "low_rank": [run(1.5e-3, 1.0, 32.95), run(3e-3, 1.0, 33.9), run(1.5e-3, 0.5, 33.5)],
-                   "lowrank_sparse": [run(1.5e-3, 1.0, 35.42), run(6e-3, 1.0, 31.77)],
+                   "low_rank": [run(*low_rank, 31.73), run(low_rank[0] * 2, 1.0, 33.9), run(low_rank[0], 1.0, 33.5)],
+                   "lowrank_sparse": [run(*sparse, 35.42), run(*other, 31.77)],
                    "relora": [run(1e-3, 1.0, 49.9)]},  # not swept: nothing to say
     }
     lines = report.preset_lines(combined)
-    assert lines[1:] == ["- `low_rank`: the preset (0.0015 → 32.95) is the best setting here.",
-                         "- `lowrank_sparse`: **the preset (0.0015 → 35.42) is not the best setting here**: 0.006 → 31.77."]
+    assert lines[1:] == [f"- `low_rank`: the preset ({report._point(run(*low_rank, 31.73))}) is the best setting here.",
+                         f"- `lowrank_sparse`: **the preset ({report._point(run(*sparse, 35.42))}) is not the best "
+                         f"setting here**: {report._point(run(*other, 31.77))}."]
+    assert "×" in lines[1]  # the presets carry a matrix/dense split now
+    # a suite that never ran the preset's setting says so rather than judging it
+    combined["sweeps"]["lowrank_sparse"] = [run(*other, 31.77), run(other[0] * 2, 1.0, 33.0)]
+    assert report.preset_lines(combined)[2] == (f"- `lowrank_sparse`: the preset ({sparse[0]:g} ×{sparse[1]:g}) "
+                                                f"was not run here; this suite's best: {report._point(run(*other, 31.77))}.")
 
 
 def test_sweep_lines_list_the_shared_lr_first_then_the_split_points_by_the_matrices_lr():

@@ -92,8 +92,10 @@ def test_trainer_callback_events_momentum_and_schedule(tmp_path):
         changed = {name for name, is_zero in zero.items() if is_zero}
         assert changed == (factors if step in (3, 6) else set()), step
     # The LR the Trainer logged for step k is the controller's jagged cosine at k - 1 (warm-up,
-    # decay, and a 2-step re-warm-up after each restart): one clock.
-    expected = [2e-2 * jagged_cosine(k, total_steps=9, warmup_steps=1, min_lr_ratio=0.1, cycle_length=3, rewarmup_steps=2)
+    # decay, and a 2-step re-warm-up after each restart): one clock. It logs the first group's, the
+    # factors' (lr × the preset's matrix_lr_ratio).
+    peak = method.optimizer.lr * method.optimizer.matrix_lr_ratio
+    expected = [peak * jagged_cosine(k, total_steps=9, warmup_steps=1, min_lr_ratio=0.1, cycle_length=3, rewarmup_steps=2)
                 for k in range(9)]
     assert list(logged(trainer, "learning_rate").values()) == pytest.approx(expected)
     assert expected[3] < expected[2] and expected[6] < expected[5]  # the restarts are visible

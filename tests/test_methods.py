@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lowrank.methods import apply_method, build_controller, build_optimizer, load_method
+from lowrank.methods.presets import preset_path
 from lowrank.errors import UsageError
 from tiny_models import build
 
@@ -30,8 +31,15 @@ def test_matrix_lr_ratio_scales_only_the_matrix_group(preset):
 
 
 def test_matrix_lr_ratio_default_is_one_and_is_validated():
-    method = load_method("low_rank", {"lowrank.rank": 4})
+    method = load_method("galore", {"optimizer.matrix.rank": 4})  # a preset that does not set it
+    assert "matrix_lr_ratio" not in preset_path("galore").read_text()
     optimizer = build_optimizer(apply_method(build("llama"), method), method)
     assert len({g["lr"] for g in optimizer.param_groups}) == 1
+    # one that does (low_rank, from cpu-long's search): the factors at lr × ratio, the rest at lr
+    method = load_method("low_rank", {"lowrank.rank": 4})
+    lrs = {g["group_name"]: g["lr"] for g in build_optimizer(apply_method(build("llama"), method), method).param_groups}
+    assert lrs == {"matrix": pytest.approx(method.optimizer.lr * method.optimizer.matrix_lr_ratio),
+                   "other": method.optimizer.lr}
+    assert method.optimizer.matrix_lr_ratio != 1.0
     with pytest.raises(UsageError, match="matrix_lr_ratio"):
         load_method("low_rank", {"optimizer.matrix_lr_ratio": -1})
