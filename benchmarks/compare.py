@@ -398,7 +398,11 @@ class Runner:
                   "failed": bool(r.get("failed"))} for r in records if r["seed"] == first_seed),
                 key=lambda t: (t["matrix_lr_ratio"] or 1.0, t["lr"]))
             if setting is None:
-                return {"complete": False, "sweep": sweep} if sweep else None
+                # the search is still running: its best run so far, so that a report can show where it stands
+                finished = [r for r in records if r["seed"] == first_seed and not r.get("failed")
+                            and r.get("val_ppl") is not None and math.isfinite(r["val_ppl"])]
+                best_so_far = min(finished, key=lambda r: r["val_ppl"]) if finished else None
+                return {"complete": False, "sweep": sweep, "best_so_far": best_so_far} if sweep else None
             lr, ratio = setting
             at = [r for r in records if math.isclose(r["lr"], lr, rel_tol=1e-6)
                   and math.isclose(r["matrix_lr_ratio"] or 1.0, ratio or 1.0, rel_tol=1e-6)]

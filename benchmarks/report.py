@@ -53,6 +53,20 @@ def completed(combined: dict) -> dict[str, dict]:
     return {name: r for name, r in combined["results"].items() if not r.get("failed")}
 
 
+def standing(combined: dict) -> dict[str, dict]:
+    """:func:`completed`, plus each contender whose search is still running at its best run so
+    far (marked ``searching``: the table and the claims say so, and no claim about it is decided)."""
+    rows = completed(combined)
+    for name, entry in (combined.get("incomplete") or {}).items():
+        if entry.get("best_so_far"):
+            rows[name] = {**entry["best_so_far"], "sweep": entry["sweep"], "searching": True}
+    return rows
+
+
+def _name(record: dict) -> str:
+    return f"`{record['contender']}`" + (" (search running)" if record.get("searching") else "")
+
+
 def ppl(record: dict) -> float:
     """The perplexity comparisons use: the mean over seeds where there are several."""
     seeds = record.get("over_seeds") or {}
@@ -79,7 +93,7 @@ def _has_ratio(results: dict[str, dict]) -> bool:
 
 def table(combined: dict) -> str:
     """Markdown table of a suite, best first by (mean) validation perplexity."""
-    results = completed(combined)
+    results = standing(combined)
     base = results.get(BASELINE)
     ratio_column = _has_ratio(results)
     multi_seed = any(len((r.get("over_seeds") or {}).get("val_ppl", [])) > 1 for r in results.values())
@@ -88,7 +102,7 @@ def table(combined: dict) -> str:
         ppl_header, "tokens/s", "optimizer state MiB", "params+grads+state MiB", "peak memory MiB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
     for r in sorted(results.values(), key=ppl):
-        cells = [f"`{r['contender']}`", r["kind"], f"{r['lr']:g}"]
+        cells = [_name(r), r["kind"], f"{r['lr']:g}"]
         if ratio_column:
             cells.append("—" if r.get("matrix_lr_ratio") is None else f"{r['matrix_lr_ratio']:g}")
         cells += [
@@ -281,12 +295,12 @@ def compare_claim(a: dict, b: dict) -> str:
 
 def evidence(combined: dict) -> list[str]:
     """The seed papers' claims this suite can test, each judged from its own numbers."""
-    results = completed(combined)
+    results = standing(combined)
     lines = []
 
     def name_ppl(name):
         r = results[name]
-        return f"`{name}` {ppl_text(r)}"
+        return f"{_name(r)} {ppl_text(r)}"
 
     if {"low_rank", "low_rank_restarts"} <= results.keys():
         verdict = compare_claim(results["low_rank_restarts"], results["low_rank"])
@@ -299,7 +313,7 @@ def evidence(combined: dict) -> list[str]:
         for peer in peers:
             verdict = compare_claim(ours, results[peer])
             memory = ours["model_state_bytes"] < results[peer]["model_state_bytes"]
-            parts.append(f"vs `{peer}` {ppl_text(results[peer])}: **{verdict}**, at "
+            parts.append(f"vs {_name(results[peer])} {ppl_text(results[peer])}: **{verdict}**, at "
                          f"{'less' if memory else 'more'} memory ({_mib(ours['model_state_bytes'])} vs "
                          f"{_mib(results[peer]['model_state_bytes'])} MiB)")
         lines.append(f"- `low_rank_restarts` beats GaLore and Fira at less memory: " + "; ".join(parts) + ".")
@@ -370,7 +384,7 @@ def targets(combined: dict) -> list[str]:
     are below full-rank AdamW's. The perplexity target is judged against the better of plain
     AdamW and AdamW with the matrix/dense split (the fair full-rank baseline, issue 21).
     """
-    results = completed(combined)
+    results = standing(combined)
     base = results.get(BASELINE)
     ours = [r for r in results.values() if r["kind"] == "ours" and r["contender"] not in FULL_RANK
             and (base is None or r["model_state_bytes"] < base["model_state_bytes"])]
@@ -378,21 +392,21 @@ def targets(combined: dict) -> list[str]:
         return []
     best = min(ours, key=ppl)
     mark = {True: "met", False: "**not met**"}
-    lines = [f"Our best memory-efficient contender here is `{best['contender']}` "
+    lines = [f"Our best memory-efficient contender here is {_name(best)} "
              f"(val ppl {ppl(best):.2f}, {_mib(best['model_state_bytes'])} MiB parameters + gradients + state)."]
     # a perplexity target is judged only against a peer that had its lr swept as ours had
     unswept = [name for name in ("galore-torch", "fira", BASELINE) if name in results and not swept(combined, name)]
     for peer in ("galore-torch", "fira"):
         if peer in results and peer not in unswept:
             r = results[peer]
-            lines.append(f"- vs `{peer}`: perplexity {ppl(best):.2f} vs {ppl(r):.2f} "
+            lines.append(f"- vs {_name(r)}: perplexity {ppl(best):.2f} vs {ppl(r):.2f} "
                          f"({mark[ppl(best) <= ppl(r)]}), model-state memory {_mib(best['model_state_bytes'])} vs "
                          f"{_mib(r['model_state_bytes'])} MiB ({mark[best['model_state_bytes'] < r['model_state_bytes']]}).")
     if base is not None:
         if BASELINE not in unswept:
             full = min((results[n] for n in (BASELINE, "adamw-split") if n in results), key=ppl)
             ratio = ppl(best) / ppl(full)
-            lines.append(f"- within 10 % of full-rank AdamW's perplexity (`{full['contender']}`, {ppl(full):.2f}): "
+            lines.append(f"- within 10 % of full-rank AdamW's perplexity ({_name(full)}, {ppl(full):.2f}): "
                          f"{ratio:.3f}× ({mark[ratio <= 1.10]}).")
         for name in ("low_rank", "low_rank_restarts"):
             if name in results:

@@ -333,6 +333,31 @@ def test_suite_reuses_finished_runs_and_reruns_changed_settings(corpus, tmp_path
     assert [p["step"] for p in record["val_curve"]] == [2, 4, 6, 8]
 
 
+def test_a_contender_whose_search_is_running_is_reported_at_its_best_so_far(tmp_path):
+    """While a sweep or split search is unfinished, the combined results carry its best run so far;
+    the table lists it marked, and a claim about it stays undecided."""
+    suite = dataclasses.replace(SUITES["smoke"], sweep=(0.5, 1.0, 2.0), sweep_all=True, seeds=(0,), ablation=(),
+                                ablation_base=None)
+    runner = compare.Runner("smoke", suite, "corpus", ["adamw", "low_rank"], tmp_path, tmp_path / "work", dry_run=True)
+    needed, *_ = runner.state()
+    (tmp_path / "smoke").mkdir()
+    values = {"adamw": [50.0, 45.0, 48.0], "low_rank": [40.0, 35.0]}  # low_rank's third lr has not run
+    for name, ppls in values.items():
+        for spec, value in zip([s for s in needed if s.contender == name], ppls):
+            record = _record(name, "ours" if name == "low_rank" else "peer", value, 50) | {
+                "lr": spec.lr, "matrix_lr_ratio": spec.ratio, "seed": spec.seed, "settings_hash": runner._hash(spec),
+                "optimizer_state_bytes": 1, "peak_memory_bytes": 1, "val_curve": []}
+            (tmp_path / "smoke" / f"{spec.label}.json").write_text(json.dumps(record))
+    combined = runner.write_combined()
+    assert "low_rank" not in combined["results"] and combined["incomplete"]["low_rank"]["best_so_far"]["val_ppl"] == 35.0
+    assert combined["results"]["adamw"]["val_ppl"] == 45.0  # its sweep is complete: the best of three
+    table = report.table(combined)
+    assert "| `low_rank` (search running) | ours |" in table and table.index("low_rank") < table.index("`adamw`")
+    combined["results"]["low_rank_restarts"] = combined["results"]["adamw"] | {"contender": "low_rank_restarts"}
+    claim = next(line for line in report.evidence(combined) if "beats plain low-rank" in line)
+    assert "**not decided (one seed" in claim and "`low_rank` (search running) 35.00" in claim
+
+
 def _seeded(name, kind, values, state=100, **extra):
     record = _record(name, kind, values[0], state)
     record["over_seeds"] = {"val_ppl": list(values), "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
