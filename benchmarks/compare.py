@@ -78,16 +78,24 @@ def scaled_overrides(contender: Contender, suite: Suite) -> dict[str, Any]:
     return overrides
 
 
+# Dense presets compared with AdamW at one shared lr, as their papers compare them: their presets
+# group the hidden matrices only to give both groups the same SPAM options.
+ONE_LR_PRESETS = ("spam", "stable_spam")
+
+
 def has_ratio(contender: Contender) -> bool:
     """Whether the contender has a ``matrix`` group of ours whose lr ratio can be swept: the
     low-rank family (presets with a ``lowrank`` section) and a dense preset whose hidden matrices
-    are a group of their own (``optimizer.target_modules``: the fair full-rank baseline), and the
-    peers with a group of projected matrices (GaLore, Fira, APOLLO: ``peers.PROJECTED_PEERS``); not
-    our projected-gradient presets (their matrices' lr is the published ``scale``)."""
+    are a group of their own (``optimizer.target_modules``: the fair full-rank baseline, Muon),
+    and the peers with a group of projected matrices (GaLore, Fira, APOLLO:
+    ``peers.PROJECTED_PEERS``); not our projected-gradient presets (their matrices' lr is the
+    published ``scale``), nor :data:`ONE_LR_PRESETS`."""
     from lowrank.methods import load_method
 
     if contender.peer is not None:
         return contender.peer in PROJECTED_PEERS
+    if contender.preset in ONE_LR_PRESETS:
+        return False
     method = load_method(contender.preset, dict(contender.overrides))
     return method.lowrank is not None or (method.optimizer.target_modules is not None
                                           and not method.optimizer.matrix.get("projection"))

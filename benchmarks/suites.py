@@ -216,10 +216,8 @@ SUITES = {
                       contenders=("adamw", "galore-torch", "fira", "low_rank", "low_rank_restarts", "lowrank_sparse", "relora",
                                   "sltrain", "adamw-split", "spam", "stable_spam"),
                       # relora and sltrain at ratio 1 (issue 21: their preset settings with 3 seeds suffice);
-                      # SPAM and Stable-SPAM at one lr, as their papers compare them with AdamW (whose split
-                      # is `adamw-split`'s own contender)
-                      sweep_all=True, ratio_sweep=(0.5, 2.0), no_ratio_sweep=("relora", "sltrain", "spam", "stable_spam"),
-                      seeds=(0, 1, 2),
+                      # SPAM and Stable-SPAM have one lr anyway (compare.ONE_LR_PRESETS)
+                      sweep_all=True, ratio_sweep=(0.5, 2.0), no_ratio_sweep=("relora", "sltrain"), seeds=(0, 1, 2),
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
                                 "low_rank_restarts@400", "low_rank_restarts-first", "low_rank_restarts-warmup",
                                 "low_rank_restarts-rotate"),

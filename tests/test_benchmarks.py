@@ -486,6 +486,10 @@ def test_projected_peers_get_the_matrix_lr_split_and_keep_their_published_runs()
 
     assert compare.has_ratio(CONTENDERS["galore-torch"]) and compare.has_ratio(CONTENDERS["fira"])
     assert not compare.has_ratio(CONTENDERS["adamw"]) and not compare.has_ratio(CONTENDERS["adamw8bit"])
+    # our dense presets: the fair full-rank baseline and Muon split; SPAM / Stable-SPAM keep one lr
+    # (their papers' comparison), though their presets group the hidden matrices too
+    assert compare.has_ratio(CONTENDERS["adamw-split"]) and compare.has_ratio(CONTENDERS["muon"])
+    assert not any(compare.has_ratio(CONTENDERS[n]) for n in ("spam", "stable_spam", "spam-int4", "stable_spam-int4"))
     suite = SUITES["cpu-long"]
     published = compare.run_settings("cpu-long", suite, RunSpec(0, "galore-torch", 5e-3, 1.0, 0), "data")
     assert published["matrix_lr_ratio"] is None and "optimizer.matrix_lr_ratio" not in published["overrides"]
