@@ -255,8 +255,8 @@ def ablation_table(combined: dict) -> list[str]:
         return []
     setting = f"lr {base['lr']:g}" + (f", matrix lr ratio {base['matrix_lr_ratio']:g}" if base.get("matrix_lr_ratio") else "")
     lines = [f"Ablation at `{ablation['base']}`'s best setting ({setting}):", "",
-             "| variant | refactorization | momentum reset | period | val ppl | vs `" + ablation["base"] + "` |",
-             "|---|:-:|:-:|---:|---:|---:|"]
+             "| variant | rank | refactorization | momentum reset | period | val ppl | vs `" + ablation["base"] + "` |",
+             "|---|---:|:-:|:-:|---:|---:|---:|"]
     what = {
         ablation["base"]: ("", "", "—"),
         "low_rank_refactorize": ("✓", "", "200"),
@@ -266,10 +266,12 @@ def ablation_table(combined: dict) -> list[str]:
         "low_rank_restarts@400": ("✓", "✓", "400"),
         **{name: ("✓", reset, "200") for name, reset in RESET_REMEDIES.items()},
     }
+    suite_rank = combined["settings"]["rank"]
     for name, r in [(ablation["base"], base), *rows.items()]:
-        refactor, reset, period = what.get(name, ("?", "?", "?"))
+        refactor, reset, period = what.get(name, ("", "", "—"))  # a variant of the base in another respect (its rank)
+        rank = dict(CONTENDERS[name].overrides).get("lowrank.rank", suite_rank) if name in CONTENDERS else suite_rank
         delta = (ppl(r) / ppl(base) - 1) * 100
-        lines.append(f"| `{name}` | {refactor} | {reset} | {period} | {ppl_text(r)} | {delta:+.1f} % |")
+        lines.append(f"| `{name}` | {rank} | {refactor} | {reset} | {period} | {ppl_text(r)} | {delta:+.1f} % |")
     return lines
 
 

@@ -145,6 +145,9 @@ CONTENDERS = {
                                           source="remedy: reset m, rotate v into the new basis"),
     "low_rank_restarts-warmup": Contender("low_rank_restarts", lr=1.5e-3, overrides=(("optimizer.matrix.reset_warmup", 10),),
                                           source="remedy: post-reset update warm-up, 10 steps"),
+    # Twice the suite's rank (r/d = 1/2 on cpu-long): whether the rank is what keeps the low-rank family
+    # behind the methods that update whole matrices (AdamW with the split, Fira).
+    "low_rank@r128": Contender("low_rank", lr=1.5e-3, overrides=(("lowrank.rank", 128),), source="ablation: rank 128"),
     # The fair full-rank baseline: the hidden matrices in a group of their own at lr × matrix_lr_ratio
     # (swept), embeddings / head / norms at lr — the split the low-rank family gets.
     "adamw-split": Contender("full_rank", lr=1e-3, overrides=(("optimizer.name", "projected_adamw"),
@@ -220,7 +223,7 @@ SUITES = {
                       sweep_all=True, ratio_sweep=(0.5, 2.0), no_ratio_sweep=("relora", "sltrain"), seeds=(0, 1, 2),
                       ablation=("low_rank_refactorize", "low_rank_reset", "low_rank_restarts", "low_rank_restarts@100",
                                 "low_rank_restarts@400", "low_rank_restarts-first", "low_rank_restarts-warmup",
-                                "low_rank_restarts-rotate"),
+                                "low_rank_restarts-rotate", "low_rank@r128"),
                       ablation_base="low_rank"),
     # The seed papers' low-bit and quantization-readiness claims on cpu-long's model at a shorter
     # budget (600 steps, 614k tokens per run): 4-bit training at 1×/2×/4× each lr (the Stable-SPAM

@@ -389,16 +389,20 @@ def test_claims_are_decided_only_when_seed_ranges_separate():
     lines = report.evidence({"results": {**results, "spam": spam}})
     assert "`adamw` 101.00 (100.00–102.00) (the better of `adamw`, `spam`) vs the best other, " \
            "`low_rank_restarts`" in lines[3]
-    combined = {"results": results, "ablation": {"base": "low_rank", "rows": {
+    combined = {"results": results, "settings": {"rank": 64}, "ablation": {"base": "low_rank", "rows": {
         "low_rank_reset": {**_seeded("low_rank_reset", "ours", [121, 121]), "complete": True}}}}
     rows = report.ablation_table(combined)
-    assert rows[-1] == "| `low_rank_reset` |  | ✓ | 200 | 121.00 | +9.0 % |"
+    assert rows[-1] == "| `low_rank_reset` | 64 |  | ✓ | 200 | 121.00 | +9.0 % |"
+    # the rank variant: its own rank (from its contender's overrides), nothing else changed
+    combined["ablation"]["rows"]["low_rank@r128"] = {**_seeded("low_rank@r128", "ours", [99, 101]), "complete": True}
+    assert report.ablation_table(combined)[-1] == "| `low_rank@r128` | 128 |  |  | — | 100.00 (99.00–101.00) | -9.9 % |"
+    del combined["ablation"]["rows"]["low_rank@r128"]
     # the reset remedies: a row each, and a verdict against the full reset at the same setting
     combined["ablation"]["rows"].update({
         name: {**_seeded(name, "ours", values), "complete": True} for name, values in (
             ("low_rank_restarts", [105, 106]), ("low_rank_restarts-rotate", [101, 102]), ("low_rank_restarts-first", [104, 107]))})
     rows = report.ablation_table(combined)
-    assert "| `low_rank_restarts-rotate` | ✓ | m only (v rotated) | 200 | 101.50 (101.00–102.00) | -8.6 % |" in rows
+    assert "| `low_rank_restarts-rotate` | 64 | ✓ | m only (v rotated) | 200 | 101.50 (101.00–102.00) | -8.6 % |" in rows
     lines = report.evidence(combined)
     assert "- Reset remedy `low_rank_restarts-rotate` (m only (v rotated)) beats the full reset: **holds**" in lines[-1]
     assert "`low_rank_restarts-first` (m only (v kept)) beats the full reset: **not decided (seed ranges overlap)**" in lines[-2]
