@@ -528,6 +528,14 @@ def update_readme(readme: Path, suite: str, block: str) -> bool:
     return replace_readme_block(readme, f"<!-- bench:{suite} -->", f"<!-- /bench:{suite} -->", block)
 
 
+def load_combined(results: Path, suite: str) -> dict:
+    """A suite's combined results as the README renders them: with the quiet tokens/s of
+    ``bench_suite_speed.py`` where that file exists."""
+    combined = json.loads((results / f"{suite}.json").read_text())
+    speed_path = results / f"{suite_speed_name(suite)}.json"
+    return with_quiet_speed(combined, json.loads(speed_path.read_text()) if speed_path.is_file() else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="cpu-small")
@@ -535,9 +543,7 @@ def main() -> None:
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     args = parser.parse_args()
-    combined = json.loads((Path(args.results) / f"{args.suite}.json").read_text())
-    speed_path = Path(args.results) / f"{suite_speed_name(args.suite)}.json"
-    combined = with_quiet_speed(combined, json.loads(speed_path.read_text()) if speed_path.is_file() else None)
+    combined = load_combined(Path(args.results), args.suite)
     paths = plot(combined, Path(args.docs))
     block = render_block(combined, [p.relative_to(ROOT) if p.is_relative_to(ROOT) else p for p in paths])
     print(block)

@@ -1,7 +1,6 @@
 """The README's usage example runs as written, CI runs the README's test command, and the
 benchmark tables are the ones `benchmarks/report.py` renders from `benchmarks/results/`."""
 
-import json
 import re
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def test_benchmark_tables_are_rendered_from_the_result_files():
     suites = re.findall(r"<!-- bench:([\w-]+) -->\n(.*?)\n<!-- /bench:\1 -->", README, flags=re.S)
     assert suites, "README has no benchmark block"
     for suite, block in suites:
-        combined = json.loads((ROOT / "benchmarks" / "results" / f"{suite}.json").read_text())
+        combined = report.load_combined(ROOT / "benchmarks" / "results", suite)
         plots = [Path("docs") / f"{suite}_val_ppl.png", Path("docs") / f"{suite}_memory_vs_ppl.png"]
         assert block == report.render_block(combined, plots), f"README block {suite} is stale: run benchmarks/report.py"
         assert all((ROOT / path).exists() for path in plots)
