@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank import LowRankConfig, RestartController, cli, wrap
+from lowrank.methods import load_method
 from lowrank.optim import ProjectedAdamW
 from lowrank.run import loop
 from lowrank.run.health import StepHealth, StopTraining, first_nonfinite
@@ -206,7 +207,7 @@ def test_a_diverging_run_keeps_latest_finite_and_names_the_last_good_checkpoint(
 
 
 @pytest.mark.parametrize("extra, fix", [
-    (["--lr", "1e6"], "--lr 0.0015"),  # back into the preset's range (low_rank: 1.5e-3), not 1e6 / 2
+    (["--lr", "1e6"], f"--lr {load_method('low_rank').optimizer.lr:g}"),  # back to the preset's lr, not 1e6 / 2
     (["--set", "optimizer.eps=0"], "--set optimizer.eps=1e-08"),  # the eps, not the lr
 ])
 def test_a_blow_up_suggests_what_would_fix_it(extra, fix, corpus, tmp_path, capsys):
