@@ -53,15 +53,15 @@ class RunSpec:
     @property
     def key(self) -> tuple:
         """Identity of the run, without the stage that asked for it."""
-        return (self.contender, _round(self.lr), None if self.ratio is None else _round(self.ratio), self.seed)
+        return (self.contender, round_setting(self.lr), None if self.ratio is None else round_setting(self.ratio), self.seed)
 
 
-def _round(x: float) -> float:
+def round_setting(x: float) -> float:
     # 1.5e-3 × 0.5 × 2 must be the same run as 1.5e-3.
     return float(f"{x:.6g}")
 
 
-def _score(record: dict | None) -> float:
+def run_score(record: dict | None) -> float:
     if record is None or record.get("failed") or record.get("val_ppl") is None or not math.isfinite(record["val_ppl"]):
         return math.inf
     return record["val_ppl"]
@@ -85,10 +85,23 @@ def _grid_with_extension(values: list[float], score, step: float, initial: list[
     below = sum(1 for v in values if v < min(initial) * (1 - 1e-9))
     above = sum(1 for v in values if v > max(initial) * (1 + 1e-9))
     if best == low and below < max_extend:
-        return None, [_round(low / step)]
+        return None, [round_setting(low / step)]
     if best == high and above < max_extend:
-        return None, [_round(high * step)]
+        return None, [round_setting(high * step)]
     return best, []
+
+
+def ratio_step(ratio_sweep: tuple[float, ...]) -> float:
+    """The split search's multiplicative step for a suite's ``ratio_sweep`` (2 for ``(0.5, 2.0)``)."""
+    return _step(tuple(sorted({1.0, *ratio_sweep})))
+
+
+def split_neighbours(lr: float, ratio: float, step: float) -> list[tuple[float, float]]:
+    """The four ``(lr, ratio)`` points next to one in the split search: the dense lr ``lr`` × and
+    ÷ ``step`` with the matrices' lr ``lr × ratio`` held, then the matrices' lr × and ÷ ``step``."""
+    dense, matrix = lr, lr * ratio
+    around = [(dense * step, matrix), (dense / step, matrix), (dense, matrix * step), (dense, matrix / step)]
+    return [(round_setting(d), round_setting(m / d)) for d, m in around]
 
 
 def _split_search(best_lr: float, score, step: float, max_moves: int) -> tuple[tuple | None, list[tuple]]:
@@ -101,13 +114,11 @@ def _split_search(best_lr: float, score, step: float, max_moves: int) -> tuple[t
     So both axes are tried: ``d × step``, ``d / step`` with ``m`` held, and ``m × step``,
     ``m / step`` with ``d`` held. While a neighbour beats the centre the search moves there (at
     most ``max_moves`` times) and tries its neighbours; points already run are not run again."""
-    centre = (_round(best_lr), 1.0)
+    centre = (round_setting(best_lr), 1.0)
     if math.isinf(score(*centre)):
         return centre, []  # every lr failed: nothing to search from
     for move in range(max_moves + 1):
-        dense, matrix = centre[0], centre[0] * centre[1]
-        around = [(dense * step, matrix), (dense / step, matrix), (dense, matrix * step), (dense, matrix / step)]
-        points = [(_round(d), _round(m / d)) for d, m in around]
+        points = split_neighbours(*centre, step)
         missing = [p for p in points if score(*p) is None]
         if missing:
             return None, missing
@@ -126,7 +137,7 @@ class _Axis:
     contender: str
 
     def get(self, lr: float, ratio: float | None, seed: int) -> dict | None:
-        return self.results.get((self.contender, _round(lr), None if ratio is None else _round(ratio), seed))
+        return self.results.get((self.contender, round_setting(lr), None if ratio is None else round_setting(ratio), seed))
 
 
 def best_setting(
@@ -137,13 +148,13 @@ def best_setting(
     seed = suite.seeds[0]
     axis = _Axis(results, name)
     swept = suite.sweep_all or contender.sweep
-    initial = sorted({_round(base_lr * f) for f in suite.sweep}) if swept else [_round(base_lr)]
+    initial = sorted({round_setting(base_lr * f) for f in suite.sweep}) if swept else [round_setting(base_lr)]
     default_ratio = 1.0 if has_ratio else None
     tried_lrs = sorted({key[1] for key in results if key[0] == name and key[2] == default_ratio and key[3] == seed} | set(initial))
 
     def lr_score(lr):
         record = axis.get(lr, default_ratio, seed)
-        return None if record is None else _score(record)
+        return None if record is None else run_score(record)
 
     step = _step(suite.sweep) if swept else 2.0
     best_lr, needed = _grid_with_extension(tried_lrs, lr_score, step, initial, suite.max_extend if swept else 0)
@@ -155,18 +166,18 @@ def best_setting(
 
     if name in suite.no_ratio_sweep:
         return (best_lr, default_ratio), []
-    step = _step(tuple(sorted({1.0, *suite.ratio_sweep})))
+    step = ratio_step(suite.ratio_sweep)
 
     def split_score(lr, ratio):
         record = axis.get(lr, ratio, seed)
-        return None if record is None else _score(record)
+        return None if record is None else run_score(record)
 
     split, needed = _split_search(best_lr, split_score, step, suite.split_moves)
     if split is None:
         return None, [RunSpec(2, name, lr, ratio, seed) for lr, ratio in needed]
     # The overall best over everything tried at this seed (a ratio may beat the lr sweep's best).
     candidates = [(key[1], key[2]) for key in results if key[0] == name and key[3] == seed]
-    best = min(candidates, key=lambda lr_ratio: _score(axis.get(*lr_ratio, seed)))
+    best = min(candidates, key=lambda lr_ratio: run_score(axis.get(*lr_ratio, seed)))
     return best, []
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, replace_readme_block, suite_speed_name  # noqa: E402
+from plan import ratio_step, round_setting, run_score, split_neighbours  # noqa: E402
 from suites import CONTENDERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,22 +147,14 @@ def _split_check(tries: list[dict], settings: dict) -> str:
     """Whether the split search ended where it should (``plan._split_search``): at a best whose
     four neighbours (dense lr or matrix lr × or ÷ the search's step) all ran and none is better.
     A best without them is not yet an optimum (runs still to come, or the move budget ran out)."""
-    step = max(settings.get("ratio_sweep") or (2.0,))
-    step = step if step > 1 else 1 / step
-
-    def key(lr: float, ratio: float) -> tuple:
-        return round(math.log(lr), 6), round(math.log(ratio), 6)
-
-    ran = {key(t["lr"], t.get("matrix_lr_ratio") or 1.0) for t in tries}
-    best = min(tries, key=lambda t: math.inf if t.get("failed") or t.get("val_ppl") is None else t["val_ppl"])
-    dense, ratio = best["lr"], best.get("matrix_lr_ratio") or 1.0
-    matrix = dense * ratio
-    around = [(dense * step, matrix), (dense / step, matrix), (dense, matrix * step), (dense, matrix / step)]
-    missing = [(d, m) for d, m in around if key(d, m / d) not in ran]
+    step = ratio_step(tuple(settings.get("ratio_sweep") or (0.5, 2.0)))
+    ran = {(round_setting(t["lr"]), round_setting(t.get("matrix_lr_ratio") or 1.0)) for t in tries}
+    best = min(tries, key=run_score)
+    missing = [p for p in split_neighbours(best["lr"], best.get("matrix_lr_ratio") or 1.0, step) if p not in ran]
     if not missing:
         return "the best is confirmed by its four neighbours"
     return (f"**the best is not confirmed**: {len(missing)} of its neighbours not run ("
-            + ", ".join(f"{d:g} ×{m / d:g}" for d, m in missing) + ")")
+            + ", ".join(f"{lr:g} ×{ratio:g}" for lr, ratio in missing) + ")")
 
 
 def grid_table(combined: dict) -> list[str]:
