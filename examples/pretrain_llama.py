@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lowrank
 from lowrank.data import build_data
+from lowrank.distributed import end_process_group
 from lowrank.models import build_model, load_model_config
 from lowrank.optim import ProjectedAdamW
 
@@ -94,8 +95,10 @@ def main() -> None:
         dense.save_pretrained(out / "model")
         tok.save_pretrained(out / "model")
         print(f"validation loss {val_loss:.3f}; wrote {out / 'checkpoint.pt'} and the dense model {out / 'model'}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    # Drop the DDP wrapper first (its reducer holds the process group), then end the group on every
+    # rank together: lowrank.distributed.end_process_group says why.
+    del ddp_model
+    end_process_group(completed=True)
 
 
 if __name__ == "__main__":

@@ -525,6 +525,38 @@ def test_a_stall_inside_a_step_names_the_other_rank():
         assert who in message and "another rank" not in message, message
 
 
+def test_the_process_group_ends_after_what_holds_it(tmp_path, monkeypatch):
+    """end_process_group frees a DDP wrapper left in a reference cycle before it destroys the group
+    (freed after, its reducer would take gloo's destructor down with it), and barriers only after a
+    completed run."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from lowrank.distributed import end_process_group
+
+    calls, destroy, barrier = [], dist.destroy_process_group, dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), barrier(*a, **k))[1])
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: (calls.append(("destroy", wrapper() is None)), destroy(*a, **k))[1])
+    for completed in (True, False):
+        calls.clear()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg-{completed}", rank=0, world_size=1)
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+        ddp.cycle = ddp  # collectable only by the garbage collector
+        wrapper = weakref.ref(ddp)
+        gc.disable()  # so that only end_process_group can collect it
+        try:
+            del ddp
+            end_process_group(completed=completed)
+        finally:
+            gc.enable()
+        assert calls == (["barrier"] if completed else []) + [("destroy", True)] and not dist.is_initialized()
+    end_process_group(completed=True)  # no group: nothing to do
+    assert calls[-1] == ("destroy", True)
+
+
 def test_a_user_error_under_torchrun_is_one_line_from_rank_0(corpus, tmp_path):
     result = torchrun("-m", "lowrank", *base_args(corpus, tmp_path / "run", "--set", "optimizer.lr=abc"))
     assert result.returncode != 0 and "exitcode  : 2" in result.stderr

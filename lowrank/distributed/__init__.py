@@ -6,9 +6,9 @@ is in :mod:`.fsdp`, sharded (DCP) checkpoints in :mod:`.dcp`; their names are ex
 imported on first use (``.dcp`` reads ``lowrank.run``, which imports this package).
 """
 
-from .setup import DistInfo, Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message, wrap_ddp
+from .setup import DistInfo, Heartbeat, end_process_group, init_distributed, is_comm_failure, parameter_hash, stalled_message, wrap_ddp
 
-__all__ = ["DistInfo", "Heartbeat", "init_distributed", "is_comm_failure", "parameter_hash", "stalled_message", "wrap_ddp"]
+__all__ = ["DistInfo", "Heartbeat", "end_process_group", "init_distributed", "is_comm_failure", "parameter_hash", "stalled_message", "wrap_ddp"]
 
 # FSDP2 and DCP, imported when first used (lowrank.run imports this package, lowrank.distributed.dcp imports lowrank.run).
 _LAZY = {

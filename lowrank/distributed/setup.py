@@ -12,6 +12,7 @@ reported as one line naming the rank(s) that stopped answering (:func:`stalled_m
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 import re
@@ -93,6 +94,25 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     if not info.enabled:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def end_process_group(completed: bool) -> None:
+    """Destroy the default process group, in the order that ends every rank cleanly.
+
+    First collect garbage: DDP reducers and FSDP2 modules sit in reference cycles that hold the
+    group; freed after ``destroy_process_group`` they hold its last reference, and gloo's
+    destructor then joins worker threads that may wait for the GIL (a hang), or finds them
+    joinable at exit (``terminate called without an active exception``, SIGABRT). Then, after a
+    completed run, a barrier: no rank shuts gloo down while a peer may still be sending
+    (pytorch/gloo#155). After a failure the peers may be gone and a barrier would only wait for
+    them, so there is none. Does nothing when no group exists.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def parameter_hash(model: nn.Module) -> str:

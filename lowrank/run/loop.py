@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import accounting
 from ..checkpointing import check_activation_checkpointing
 from ..data import build_data
-from ..distributed import Heartbeat, init_distributed, is_comm_failure, parameter_hash, stalled_message
+from ..distributed import Heartbeat, end_process_group, init_distributed, is_comm_failure, parameter_hash, stalled_message
 from ..distributed.strategy import check_comm, make_strategy
 from ..dtypes import dtype_name
 from ..errors import UsageError
@@ -586,7 +586,4 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if trainer is not None:
             trainer.release_wrapper()
-        if dist.is_initialized():
-            if ok:  # after a failure the other ranks may be gone: a barrier would only wait for them
-                dist.barrier()
-            dist.destroy_process_group()
+        end_process_group(completed=ok)

@@ -148,6 +148,7 @@ def train(rank, kind, make_optimizer, steps, *, wire, start=0, bucket_cap_mb=Non
 def worker(rank: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    from lowrank.distributed import end_process_group
     from lowrank.distributed.onebit import OneBitAdam
     from lowrank.optim import ProjectedAdamW
 
@@ -205,7 +206,7 @@ def worker(rank: int, out: str) -> None:
     results["onebit_resumed"] = train(rank, "onebit", onebit, ONEBIT_STEPS - RESUME_AT, wire=wire, start=RESUME_AT,
                                       load=saved)
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process_group(completed=True)
 
 
 if __name__ == "__main__":

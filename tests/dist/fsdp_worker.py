@@ -12,12 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lowrank.distributed import end_process_group
+
 WORLD = 2
 
 
 def rank_main(rank: int, out: str, one_rank_checkpoint: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=WORLD)
+    ok = False
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import fsdp_cases as cases
@@ -43,11 +46,12 @@ def rank_main(rank: int, out: str, one_rank_checkpoint: str) -> None:
         results["dcp"]["resumed_2_from_1"] = cases.dcp_run(cases.DCP_CASE, after, shard=shard, resume=one_rank_checkpoint)
         if rank == 0:
             torch.save(results, Path(out) / "fsdp.pt")
+        ok = True
     except BaseException:
         traceback.print_exc()
         raise
     finally:
-        dist.destroy_process_group()
+        end_process_group(completed=ok)
 
 
 if __name__ == "__main__":
