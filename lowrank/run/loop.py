@@ -242,10 +242,11 @@ class Trainer:
         the GIL. Freed after ``destroy_process_group`` (when ``pretrain`` returns), it holds the
         group's last reference: gloo's destructor then joins its worker threads while one of them
         waits for the GIL to free a finished all-gather's tensors — a deadlock at the end of an
-        otherwise finished run (seen on rank 1 of 2-rank CPU runs, now and then).
+        otherwise finished run (seen on rank 1 of 2-rank CPU runs, now and then). The wrapper sits
+        in reference cycles: :func:`lowrank.distributed.end_process_group`, called right after,
+        collects them before it destroys the group.
         """
         self.module = None
-        gc.collect()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """The preset's optimizer (or the caller's factory; or 1-bit Adam over the preset's groups
